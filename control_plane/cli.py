@@ -1,0 +1,271 @@
+"""The `tandem` command line: bring the stack up and down, inspect it, prepare models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from control_plane import model as model_prep
+from control_plane import redis_server
+from control_plane.paths import run_dir
+from control_plane.settings import TandemSettings, load_settings
+
+app = typer.Typer(help="Tandem: disaggregated prefill/decode LLM serving on Ray Serve.", no_args_is_help=True)
+model_app = typer.Typer(help="Prepare models for serving.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console()
+
+STATE_FILE = "up.json"
+
+
+def _state_path() -> Path:
+    return run_dir() / STATE_FILE
+
+
+def _read_state() -> dict[str, Any]:
+    path = _state_path()
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _ray_cli() -> list[str]:
+    return [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _local_ray_running() -> bool:
+    result = subprocess.run(
+        [*_ray_cli(), "status"], capture_output=True, text=True, timeout=60, check=False
+    )
+    return result.returncode == 0
+
+
+def _start_local_ray(settings: TandemSettings, dashboard: bool) -> None:
+    cmd = [
+        *_ray_cli(), "start", "--head",
+        f"--num-cpus={settings.ray_num_cpus}",
+        "--disable-usage-stats",
+        f"--include-dashboard={'true' if dashboard else 'false'}",
+        # The object store only carries small control messages and replies here.
+        "--object-store-memory=1000000000",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        console.print(result.stdout[-4000:], result.stderr[-4000:])
+        raise typer.Exit(1)
+
+
+def _connect_ray(address: str) -> None:
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+
+def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/health", timeout=15)
+            last = response.json()
+            if response.status_code == 200:
+                return last
+        except (httpx.HTTPError, ValueError) as exc:
+            last = str(exc)
+        time.sleep(1)
+    raise RuntimeError(f"service did not become healthy in {timeout_s:.0f}s: {last}")
+
+
+@app.command()
+def up(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Settings YAML file."),
+    prefill: Optional[int] = typer.Option(None, help="Prefill replicas."),
+    decode: Optional[int] = typer.Option(None, help="Decode replicas."),
+    colocated: Optional[int] = typer.Option(None, help="Colocated replicas (colocated mode)."),
+    mode: Optional[str] = typer.Option(None, help="disaggregated | colocated"),
+    host: Optional[str] = typer.Option(None, help="HTTP bind address."),
+    port: Optional[int] = typer.Option(None, help="HTTP port."),
+    model: Optional[str] = typer.Option(None, help="Local HF folder or hub id (default: bundled SmolLM2)."),
+    dashboard: bool = typer.Option(False, help="Start Ray's dashboard with a local Ray."),
+    timeout: float = typer.Option(900, help="Seconds to wait for the app to become healthy."),
+) -> None:
+    """Start Redis, Ray and the Serve app; print the URL when it answers."""
+    overrides: dict[str, Any] = {
+        "mode": mode,
+        "host": host,
+        "port": port,
+        "prefill": {"replicas": prefill} if prefill is not None else None,
+        "decode": {"replicas": decode} if decode is not None else None,
+        "colocated": {"replicas": colocated} if colocated is not None else None,
+        "model": {"path": model} if model is not None else None,
+    }
+    settings = load_settings(config, **overrides)
+    if mode is not None and mode not in ("disaggregated", "colocated"):
+        raise typer.BadParameter("mode must be disaggregated or colocated")
+
+    console.print(f"[bold]model[/]: {model_prep.prepare_model(settings.model.path)}")
+    state: dict[str, Any] = {"app_name": settings.app_name, "url": settings.url}
+
+    if settings.redis_url is None:
+        url = redis_server.start_embedded()
+        settings = settings.model_copy(update={"redis_url": url})
+        state["embedded_redis"] = True
+        console.print(f"[bold]redis[/]: embedded at {url}")
+    state["redis_url"] = settings.redis_url
+
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        if not _local_ray_running():
+            _start_local_ray(settings, dashboard)
+            state["started_ray"] = True
+        address = "auto"
+        console.print("[bold]ray[/]: local cluster")
+    state["ray_address"] = address
+    _state_path().write_text(json.dumps(state))
+    _connect_ray(address)
+
+    from ray import serve
+
+    from control_plane.app import build_app_from_settings
+
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    started = time.monotonic()
+    with console.status(f"deploying {settings.mode} app '{settings.app_name}'..."):
+        serve.run(
+            build_app_from_settings(settings),
+            name=settings.app_name,
+            route_prefix=settings.route_prefix,
+            blocking=False,
+        )
+        health = _wait_healthy(settings.url, timeout)
+    console.print(f"[green]ready[/] in {time.monotonic() - started:.0f}s: {health['pools']}")
+    console.print(f"\nOpenAI endpoint: [bold]{settings.url}/v1[/]\n")
+    example = json.dumps(
+        {
+            "model": settings.model.served_name,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        }
+    )
+    console.print(
+        f"curl {settings.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{example}'",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+@app.command()
+def down() -> None:
+    """Stop the Serve app, and the Ray and Redis that `tandem up` started."""
+    state = _read_state()
+    address = state.get("ray_address") or os.environ.get("RAY_ADDRESS") or "auto"
+    if state.get("started_ray") or address != "auto" or _local_ray_running():
+        try:
+            _connect_ray(address)
+            from ray import serve
+
+            app_name = state.get("app_name")
+            if state.get("started_ray") or not app_name:
+                serve.shutdown()
+            else:
+                serve.delete(app_name)
+            console.print("serve app stopped")
+        except Exception as exc:  # noqa: BLE001 - keep tearing down the rest
+            console.print(f"[yellow]could not stop the Serve app: {exc}[/]")
+    if state.get("started_ray"):
+        subprocess.run([*_ray_cli(), "stop"], capture_output=True, check=False)
+        console.print("local ray stopped")
+    if state.get("embedded_redis") and redis_server.stop_embedded():
+        console.print("embedded redis stopped")
+    _state_path().unlink(missing_ok=True)
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Replicas, roles, health and Redis of the running stack."""
+    from control_plane.state import list_workers
+
+    state = _read_state()
+    if not state:
+        console.print("tandem is not running (no `tandem up` state)")
+        raise typer.Exit(1)
+    report: dict[str, Any] = {"url": state["url"], "app": state["app_name"]}
+    try:
+        response = httpx.get(f"{state['url']}/health", timeout=15)
+        report["health"] = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        report["health"] = {"status": f"unreachable: {exc}"}
+    redis_url = state.get("redis_url")
+    report["redis"] = {"url": redis_url, "ok": bool(redis_url and redis_server.ping(redis_url))}
+    report["workers"] = list_workers(redis_url, state["app_name"]) if report["redis"]["ok"] else []
+    report["deployments"] = _serve_deployments(state)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    console.print(f"[bold]{report['app']}[/] at {report['url']}: {report['health'].get('status')}")
+    console.print(f"redis: {redis_url} ({'ok' if report['redis']['ok'] else 'down'})")
+    table = Table("deployment", "status", "replicas")
+    for name, info in report["deployments"].items():
+        table.add_row(name, info["status"], json.dumps(info["replica_states"]))
+    console.print(table)
+    workers = Table("replica", "role", "cores", "running", "waiting", "kv usage", "prefix hit", "ext KV hits")
+    for entry in report["workers"]:
+        stats = entry.get("stats", {})
+        workers.add_row(
+            entry["replica_id"],
+            entry["role"],
+            ",".join(map(str, entry.get("cpu_cores") or [])) or "-",
+            str(stats.get("running", 0)),
+            str(stats.get("waiting", 0)),
+            f"{stats.get('kv_cache_usage', 0.0):.1%}",
+            f"{stats.get('prefix_cache_hit_rate', 0.0):.1%}",
+            str(stats.get("external_kv_hits", 0)),
+        )
+    console.print(workers)
+    if report["health"].get("status") != "ok":
+        raise typer.Exit(1)
+
+
+def _serve_deployments(state: dict[str, Any]) -> dict[str, Any]:
+    try:
+        _connect_ray(state.get("ray_address") or "auto")
+        from ray import serve
+
+        app_status = serve.status().applications.get(state["app_name"])
+    except Exception as exc:  # noqa: BLE001 - status must still print what it can
+        return {"(ray)": {"status": f"unreachable: {exc}", "replica_states": {}}}
+    if app_status is None:
+        return {}
+    return {
+        name: {"status": str(dep.status), "replica_states": dict(dep.replica_states)}
+        for name, dep in app_status.deployments.items()
+    }
+
+
+@model_app.command("prepare")
+def model_prepare(
+    model: Optional[str] = typer.Option(None, help="Local HF folder or hub id (default: bundled SmolLM2)."),
+    force: bool = typer.Option(False, help="Convert again even if prepared."),
+) -> None:
+    """Prepare a model for serving (the bundled GGUF becomes a bf16 safetensors folder)."""
+    path = model_prep.prepare_model(model, force=force)
+    console.print(f"model ready: {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+

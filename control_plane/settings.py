@@ -1,0 +1,202 @@
+"""One settings model for everything: the CLI, the Serve app builder and the Helm values.
+
+Sources, highest priority first: explicit overrides (CLI flags, app-builder args), ``TANDEM_*``
+environment variables (nested with ``__``, e.g. ``TANDEM_DECODE__REPLICAS=2``), a YAML file
+(``--config`` or ``TANDEM_CONFIG``), then the defaults below, which are the embedded default:
+SmolLM2-135M on vLLM's CPU backend, one prefill and one decode worker, local Ray, local Redis.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
+
+Mode = Literal["disaggregated", "colocated"]
+Role = Literal["prefill", "decode", "colocated"]
+
+
+class _Strict(BaseModel):
+    # Typos in a config file must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Strict):
+    # None = the bundled SmolLM2 (prepared by `tandem model prepare`); else a local HF folder
+    # or a hub id.
+    path: str | None = None
+    served_name: str = DEFAULT_SERVED_NAME
+    max_model_len: int = Field(2048, ge=16)
+
+
+class WorkerSettings(_Strict):
+    """A pool of vLLM engines of one role."""
+
+    replicas: int = Field(1, ge=0)
+    # Passed to vLLM's engine arguments as is (same names as `vllm serve` flags, with
+    # underscores), e.g. {"gpu_memory_utilization": 0.9, "tensor_parallel_size": 2}.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    # KV cache size per engine on CPU; vLLM's CPU default sizes from NUMA node 0 and can
+    # refuse to start when several engines share a host. Ignored when engine_args sets
+    # kv_cache_memory_bytes or gpu_memory_utilization.
+    kv_cache_memory_bytes: int | None = 256 * 1024 * 1024
+    # OpenMP threads of one engine on CPU; None = the host's cores split evenly between the
+    # engines Tandem places on it, so two engines never fight over one core.
+    cpu_threads: int | None = None
+    num_gpus: float = Field(0, ge=0)
+    # Logical CPUs Ray reserves per replica. Kept small: the engines bind their own cores.
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class ConnectorSettings(_Strict):
+    """The vLLM KV connector that moves KV from prefill to decode."""
+
+    # A vLLM connector class name (NixlConnector, ExampleConnector, ...) or Tandem's own.
+    name: str = "NixlConnector"
+    # Module to load an out-of-tree connector from (vLLM's kv_connector_module_path).
+    module_path: str | None = None
+    # Where the connector stages KV: "cpu" on CPU engines (and for host-staged GPU transfers).
+    buffer_device: Literal["cpu", "cuda"] = "cpu"
+    extra_config: dict[str, Any] = Field(default_factory=dict)
+    # First port of the per-engine side channels (NIXL handshake); engine i uses base + i.
+    side_channel_base_port: int = Field(25600, ge=1024, le=65000)
+
+
+class RoutingSettings(_Strict):
+    # How long the ingress waits for a whole request before answering 504.
+    request_timeout_s: float = Field(600.0, gt=0)
+    # If the prefill step or the KV handoff fails, decode recomputes the prompt itself.
+    recompute_on_prefill_failure: bool = True
+
+
+class TandemSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    mode: Mode = "disaggregated"
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    prefill: WorkerSettings = Field(default_factory=WorkerSettings)
+    decode: WorkerSettings = Field(default_factory=WorkerSettings)
+    colocated: WorkerSettings = Field(default_factory=WorkerSettings)
+    kv_connector: ConnectorSettings = Field(default_factory=ConnectorSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    # None = Tandem starts its embedded Redis on loopback.
+    redis_url: str | None = None
+    # None = start a local Ray (`tandem up`) or use RAY_ADDRESS when set.
+    ray_address: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "tandem"
+    route_prefix: str = "/"
+    # Logical CPUs a local Ray advertises. Engines bind physical cores themselves, so Ray's
+    # count is only an admission budget; it must exceed the cores of a small laptop.
+    ray_num_cpus: int = Field(16, ge=1)
+
+    # Set by load_settings; where the YAML came from, for `tandem status`.
+    config_file: str | None = None
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _route_prefix_starts_with_slash(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_an_address(cls, value: str) -> str:
+        if value != "localhost":
+            ipaddress.ip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _pools_not_empty(self) -> TandemSettings:
+        if self.mode == "disaggregated" and (self.prefill.replicas < 1 or self.decode.replicas < 1):
+            raise ValueError("disaggregated mode needs at least one prefill and one decode replica")
+        if self.mode == "colocated" and self.colocated.replicas < 1:
+            raise ValueError("colocated mode needs at least one colocated replica")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file is named by load_settings through a subclass's model_config.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    # Convenience views -------------------------------------------------------------------
+
+    def roles(self) -> list[Role]:
+        return ["prefill", "decode"] if self.mode == "disaggregated" else ["colocated"]
+
+    def worker(self, role: Role) -> WorkerSettings:
+        return getattr(self, role)
+
+    def engine_count(self) -> int:
+        return sum(self.worker(role).replicas for role in self.roles())
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        prefix = self.route_prefix.rstrip("/")
+        return f"http://{host}:{self.port}{prefix}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> TandemSettings:
+    """Build settings from overrides > env > YAML file > defaults.
+
+    ``overrides`` may be nested dicts (``decode={"replicas": 2}``); they are merged over the
+    file's and env's values field by field rather than replacing whole sections.
+    """
+    config_file = config_file or os.environ.get("TANDEM_CONFIG") or None
+    path = Path(config_file).expanduser() if config_file else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+
+    class _FromFile(TandemSettings):
+        model_config = SettingsConfigDict(yaml_file=path)
+
+    base = _FromFile()
+    merged = _deep_merge(base.model_dump(exclude={"config_file"}), overrides)
+    merged["config_file"] = str(path) if path else None
+    return TandemSettings.model_validate(merged)
+
+
+def settings_from_dict(data: dict[str, Any]) -> TandemSettings:
+    """Rebuild settings shipped to a Ray actor: validation only, no env or file lookup."""
+    return TandemSettings.model_validate(data)
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dump_yaml(settings: TandemSettings) -> str:
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)

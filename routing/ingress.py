@@ -1,0 +1,263 @@
+"""The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve).
+
+Validates requests, runs the P/D orchestration of each one against the worker pools and
+streams the answer back as SSE. Every error a client can cause comes back OpenAI-shaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from control_plane.settings import TandemSettings, settings_from_dict
+from routing import metrics
+from routing.errors import OpenAIError, error_body, from_engine_error
+from routing.orchestrator import PrefillOutcome, decode_body, run_prefill
+from routing.protocol import ChatCompletionRequest, CompletionRequest, forwarded_body
+from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
+
+log = logging.getLogger("ray.serve")
+
+app = FastAPI(title="Tandem", summary="OpenAI-compatible disaggregated prefill/decode serving")
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        message = "We could not parse the JSON body of your request: " + str(first.get("msg"))
+        param = None
+    else:
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+    log.info("rejected %s %s: %s", request.method, request.url.path, message)
+    metrics.REQUESTS.labels(request.url.path, "400").inc()
+    return JSONResponse(error_body(400, message, param), status_code=400)
+
+
+def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    metrics.REQUESTS.labels(request.url.path, str(exc.status)).inc()
+    return exc.response()
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    metrics.REQUESTS.labels(request.url.path, "500").inc()
+    return JSONResponse(error_body(500, "internal error"), status_code=500)
+
+
+app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+app.add_exception_handler(OpenAIError, _openai_error)  # type: ignore[arg-type]
+app.add_exception_handler(Exception, _unexpected_error)
+
+
+class ServePool:
+    """A worker deployment seen through its Serve handle (streaming calls)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[WorkerReply]:
+        gen = self._stream.generate.remote(endpoint, body)
+        finished = False
+        try:
+            async for reply in gen:
+                yield reply
+            finished = True
+        finally:
+            if not finished:
+                # Client gone, timeout or error: abort the engine request on the replica.
+                gen.cancel()
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=1024)
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        prefill: DeploymentHandle | None = None,
+        decode: DeploymentHandle | None = None,
+        colocated: DeploymentHandle | None = None,
+    ):
+        self.settings: TandemSettings = settings_from_dict(settings)
+        self.mode = self.settings.mode
+        self.prefill = ServePool(prefill) if prefill is not None else None
+        self.decode = ServePool(decode) if decode is not None else None
+        self.colocated = ServePool(colocated) if colocated is not None else None
+        self._models_cache: dict[str, Any] | None = None
+
+    # ---- endpoints ---------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        pools = {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}
+        status: dict[str, str] = {}
+        for name, pool in pools.items():
+            if pool is None:
+                continue
+            try:
+                await asyncio.wait_for(pool.handle.check_health.remote(), timeout=10)
+                status[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+                status[name] = f"unhealthy: {type(exc).__name__}"
+        healthy = all(value == "ok" for value in status.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "unhealthy", "mode": self.mode, "pools": status},
+            status_code=200 if healthy else 503,
+        )
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        if self._models_cache is None:
+            pool = self.decode or self.colocated
+            assert pool is not None
+            self._models_cache = await pool.handle.models.remote()
+        return JSONResponse(self._models_cache)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self._serve("chat", body, request)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._serve("completions", body, request)
+
+    # ---- orchestration -----------------------------------------------------------------
+
+    def _check(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        if body.model != self.settings.model.served_name:
+            raise OpenAIError(
+                404,
+                f"The model `{body.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        budget = body.output_budget()
+        if budget is not None and budget > self.settings.model.max_model_len:
+            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise OpenAIError(
+                400,
+                f"{param} is too large: {budget} > the model's context length "
+                f"{self.settings.model.max_model_len}",
+                param=param,
+            )
+        if self.mode == "disaggregated" and ((body.n or 1) > 1 or (getattr(body, "best_of", None) or 1) > 1):
+            raise OpenAIError(
+                400, "n > 1 is not supported in disaggregated mode", param="n"
+            )
+
+    async def _serve(
+        self, endpoint: str, request: ChatCompletionRequest | CompletionRequest, http: Request
+    ) -> Response:
+        self._check(request)
+        started = time.monotonic()
+        request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
+        body = forwarded_body(request)
+        deadline = self.settings.routing.request_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                replies = await self._start(endpoint, body)
+                first = await anext(replies, None)
+        except TimeoutError:
+            raise OpenAIError(504, f"request timed out after {deadline:.0f}s") from None
+        if first is None:
+            raise OpenAIError(502, "the decode worker returned nothing")
+        if first.kind != CHUNK:
+            await replies.aclose()  # type: ignore[attr-defined]
+        if first.kind == ERROR:
+            raise from_engine_error(first.body, first.status)
+        headers = {"x-request-id": request_id}
+        if first.kind == RESPONSE:
+            metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
+            metrics.REQUESTS.labels(http.url.path, "200").inc()
+            return JSONResponse(first.body, headers=headers)
+        metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
+        return StreamingResponse(
+            self._sse(endpoint, first, replies, started, http.url.path, deadline),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _start(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[WorkerReply]:
+        if self.mode == "colocated":
+            assert self.colocated is not None
+            return self.colocated.stream(endpoint, body)
+        assert self.prefill is not None and self.decode is not None
+        prefill_started = time.monotonic()
+        prefill = await run_prefill(self.prefill, endpoint, body)
+        metrics.PREFILL_SECONDS.observe(time.monotonic() - prefill_started)
+        if prefill.outcome == PrefillOutcome.CLIENT_ERROR:
+            assert prefill.error is not None
+            return _single(prefill.error)
+        if prefill.outcome == PrefillOutcome.FAILED:
+            if not self.settings.routing.recompute_on_prefill_failure:
+                raise OpenAIError(502, f"prefill failed: {prefill.reason}")
+            log.warning("prefill failed (%s); decode recomputes the prompt", prefill.reason)
+            metrics.RECOMPUTES.labels(prefill.reason.split(":")[0][:64]).inc()
+        return self.decode.stream(endpoint, decode_body(body, prefill))
+
+    async def _sse(
+        self,
+        endpoint: str,
+        first: WorkerReply,
+        rest: AsyncIterator[WorkerReply],
+        started: float,
+        path: str,
+        deadline: float,
+    ) -> AsyncIterator[str]:
+        status = "200"
+        try:
+            yield first.body
+            async with asyncio.timeout(max(1.0, deadline - (time.monotonic() - started))):
+                async for reply in rest:
+                    if reply.kind == CHUNK:
+                        yield reply.body
+                    elif reply.kind == ERROR:
+                        status = str(reply.status)
+                        yield _sse_error(from_engine_error(reply.body, reply.status).body())
+                        return
+        except asyncio.CancelledError:
+            status = "499"
+            metrics.CLIENT_DISCONNECTS.inc()
+            raise
+        except TimeoutError:
+            status = "504"
+            yield _sse_error(error_body(504, "request timed out"))
+        except Exception as exc:  # noqa: BLE001 - a dead worker must end the stream cleanly
+            log.warning("stream from decode worker failed: %r", exc)
+            status = "502"
+            yield _sse_error(error_body(502, f"decode worker failed: {type(exc).__name__}"))
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]
+            metrics.REQUESTS.labels(path, status).inc()
+            metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
+
+
+async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
+    yield reply
+
+
+def _sse_error(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"

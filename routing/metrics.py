@@ -1,0 +1,39 @@
+"""Prometheus metrics of the ingress, named the way vLLM users expect (``tandem:`` prefix)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+REQUESTS = Counter(
+    "tandem:requests",
+    "Requests answered by the ingress, by endpoint and HTTP status.",
+    ["endpoint", "status"],
+)
+TTFT = Histogram(
+    "tandem:time_to_first_token_seconds",
+    "Time from request arrival to the first streamed content chunk.",
+    ["endpoint", "mode"],
+    buckets=_LATENCY_BUCKETS,
+)
+E2E = Histogram(
+    "tandem:e2e_request_latency_seconds",
+    "Time from request arrival to the last byte of the answer.",
+    ["endpoint", "mode"],
+    buckets=_LATENCY_BUCKETS,
+)
+PREFILL_SECONDS = Histogram(
+    "tandem:prefill_step_seconds",
+    "Duration of the prefill step of a disaggregated request (incl. KV publication).",
+    buckets=_LATENCY_BUCKETS,
+)
+RECOMPUTES = Counter(
+    "tandem:prefill_recomputes",
+    "Requests whose prefill step failed and whose decode worker recomputed the prompt.",
+    ["reason"],
+)
+CLIENT_DISCONNECTS = Counter(
+    "tandem:client_disconnects",
+    "Streaming requests aborted because the client went away.",
+)

@@ -1,0 +1,86 @@
+"""The P/D orchestration of one request, independent of Ray.
+
+Disaggregated: prefill with ``max_tokens=1`` and ``kv_transfer_params.do_remote_decode``,
+then decode with the ``kv_transfer_params`` the prefill returned, streamed back. If the
+prefill step fails for any reason other than the client's own input, decode recomputes the
+prompt itself: a request is never failed for a broken prefill worker or KV handoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
+
+log = logging.getLogger(__name__)
+
+# What vLLM's P/D proxies send to the prefill engine: "produce KV for a remote decoder".
+PREFILL_KV_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+class WorkerPool(Protocol):
+    """A pool of engines of one role; the ingress binds it to a Serve deployment handle."""
+
+    def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[WorkerReply]: ...
+
+
+class PrefillOutcome:
+    OK = "ok"
+    CLIENT_ERROR = "client_error"  # the prompt itself is bad: tell the client
+    FAILED = "failed"  # the worker or handoff broke: recompute on decode
+
+
+@dataclass
+class PrefillResult:
+    outcome: str
+    kv_transfer_params: dict[str, Any] | None = None
+    error: WorkerReply | None = None
+    reason: str = ""
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in body.items() if k not in ("stream_options", "n", "best_of")}
+    out.update(stream=False, max_tokens=1, kv_transfer_params=dict(PREFILL_KV_PARAMS))
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    # Stop strings and min_tokens could end the 1-token prefill differently; they matter
+    # only to decode.
+    out.pop("min_tokens", None)
+    return out
+
+
+async def run_prefill(pool: WorkerPool, endpoint: str, body: dict[str, Any]) -> PrefillResult:
+    try:
+        async for reply in pool.stream(endpoint, prefill_body(body)):
+            if reply.kind == ERROR:
+                if 400 <= reply.status < 500:
+                    return PrefillResult(PrefillOutcome.CLIENT_ERROR, error=reply)
+                return PrefillResult(PrefillOutcome.FAILED, reason=f"prefill error {reply.status}")
+            if reply.kind == RESPONSE:
+                params = reply.body.get("kv_transfer_params")
+                if not params:
+                    return PrefillResult(
+                        PrefillOutcome.FAILED, reason="prefill returned no kv_transfer_params"
+                    )
+                return PrefillResult(PrefillOutcome.OK, kv_transfer_params=params)
+        return PrefillResult(PrefillOutcome.FAILED, reason="prefill returned nothing")
+    except Exception as exc:  # noqa: BLE001 - any worker failure means "recompute"
+        log.warning("prefill failed, decode will recompute: %r", exc)
+        return PrefillResult(PrefillOutcome.FAILED, reason=f"{type(exc).__name__}: {exc}")
+
+
+def decode_body(body: dict[str, Any], prefill: PrefillResult) -> dict[str, Any]:
+    out = dict(body)
+    if prefill.outcome == PrefillOutcome.OK:
+        out["kv_transfer_params"] = prefill.kv_transfer_params
+    return out

