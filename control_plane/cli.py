@@ -178,6 +178,9 @@ def down() -> None:
             else:
                 serve.delete(app_name)
             console.print("serve app stopped")
+            import ray
+
+            ray.shutdown()  # disconnect before `ray stop`, or the driver logs the teardown
         except Exception as exc:  # noqa: BLE001 - keep tearing down the rest
             console.print(f"[yellow]could not stop the Serve app: {exc}[/]")
     if state.get("started_ray"):

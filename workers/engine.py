@@ -263,9 +263,14 @@ class EngineHost:
             param = ".".join(str(p) for p in first.get("loc", ()))
             yield WorkerReply(ERROR, _error(first.get("msg", str(exc)), 400, param), 400)
             return
-        except (ValueError, TypeError) as exc:
-            yield WorkerReply(ERROR, _error(str(exc), 400), 400)
-            return
+        except _client_errors() as exc:
+            # vLLM raises (rather than returns) some request errors, e.g. a prompt longer
+            # than the context; map them to statuses exactly as `vllm serve` does.
+            from vllm.entrypoints.serve.exception_handling.error_response import (
+                create_error_response,
+            )
+
+            result = create_error_response(exc)
 
         if hasattr(result, "error"):  # vLLM's ErrorResponse
             status = int(result.error.code or 400)
@@ -288,6 +293,12 @@ class EngineHost:
 
     async def reset_prefix_cache(self) -> None:
         await self.engine.reset_prefix_cache()
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    from vllm.exceptions import VLLMClientError
+
+    return (VLLMClientError, ValueError, TypeError, OverflowError, NotImplementedError)
 
 
 def _error(message: str, status: int, param: str | None = None) -> dict[str, Any]:

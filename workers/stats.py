@@ -43,6 +43,11 @@ class EngineStats:
         self.requests_total = 0
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens_total = 0
+        # From the KV connector's own stats (vLLM's NixlConnector reports these names).
+        self.kv_transfers = 0
+        self.kv_bytes_transferred = 0
+        self.kv_transfer_failures = 0
+        self.kv_expired_requests = 0
         self.updated_at = 0.0
 
     # Fed by the worker's engine wrapper ------------------------------------------------
@@ -72,7 +77,27 @@ class EngineStats:
             self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
             self.prefix_cache.add(scheduler_stats.prefix_cache_stats)
             self.external_cache.add(scheduler_stats.connector_prefix_cache_stats)
+            self._add_connector_stats(scheduler_stats.kv_connector_stats)
             self.updated_at = time.time()
+
+    def _add_connector_stats(self, stats: Any) -> None:
+        # A dict of per-event lists, possibly nested per connector; count by known names.
+        if not isinstance(stats, dict):
+            stats = getattr(stats, "data", None)
+            if not isinstance(stats, dict):
+                return
+        for key, value in stats.items():
+            if isinstance(value, dict) or hasattr(value, "data"):
+                self._add_connector_stats(value)
+            elif isinstance(value, list):
+                if key == "transfer_duration":
+                    self.kv_transfers += len(value)
+                elif key == "bytes_transferred":
+                    self.kv_bytes_transferred += int(sum(value))
+                elif key.startswith("num_failed"):
+                    self.kv_transfer_failures += len(value)
+                elif key == "num_kv_expired_reqs":
+                    self.kv_expired_requests += len(value)
 
     def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         """A vLLM StatLoggerFactory bound to this object."""
@@ -94,6 +119,10 @@ class EngineStats:
                 "requests_total": self.requests_total,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "cached_prompt_tokens_total": self.cached_prompt_tokens_total,
+                "kv_transfers": self.kv_transfers,
+                "kv_bytes_transferred": self.kv_bytes_transferred,
+                "kv_transfer_failures": self.kv_transfer_failures,
+                "kv_expired_requests": self.kv_expired_requests,
                 "updated_at": self.updated_at,
             }
 

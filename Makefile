@@ -1,0 +1,50 @@
+# Tandem: the two commands are `make run` (start the service) and `make test` (run the suite).
+# Both install what is missing first: a venv in .venv, the packages, the default model.
+
+comma  := ,
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Extras for this machine: the CPU build of vLLM by default; `make install EXTRAS=gpu,nixl,dev`
+# on an NVIDIA host.
+EXTRAS ?= cpu,nixl,dev
+STAMP  := $(VENV)/.install-stamp-$(subst $(comma),-,$(EXTRAS))
+
+PYTEST_ARGS ?=
+
+.PHONY: install model run up down status test test-unit lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=$(EXTRAS) bash scripts/install.sh
+	touch $@
+
+model: install
+	$(BIN)/tandem model prepare
+
+# Starts local Redis, Ray and the Serve app, then returns; `make down` stops them.
+run: model
+	$(BIN)/tandem up
+
+up: run
+
+status:
+	$(BIN)/tandem status
+
+down:
+	$(BIN)/tandem down
+
+# The whole suite: unit tests, then integration tests on one shared local Ray + vLLM cluster
+# (started with `make run` by the test session itself). pytest's exit 5 (no tests) fails.
+test: model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check control_plane workers routing kv_transport tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,129 @@
+"""Shared fixtures. Integration tests share ONE local cluster for the whole session: it is
+started with the README's own command (`make run`), and a colocated reference app is added
+to the same Serve instance for token-exact comparisons."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TEST_PORT = int(os.environ.get("TANDEM_TEST_PORT", "8123"))
+MODEL = "smollm2-135m-instruct"
+REFERENCE_APP = "reference"
+
+
+@dataclass
+class Cluster:
+    url: str  # the disaggregated app (what `make run` starts)
+    reference_url: str  # a colocated app on the same model, for token-exact comparisons
+    app_name: str = "tandem"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def reference_base_url(self) -> str:
+        return f"{self.reference_url}/v1"
+
+    def handle(self, deployment: str, app_name: str | None = None):
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, app_name=app_name or self.app_name)
+
+    def worker_stats(self, deployment: str, app_name: str | None = None) -> dict:
+        return self.handle(deployment, app_name).record_routing_stats.remote().result()
+
+
+def tandem(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "tandem"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def _local_ray_running() -> bool:
+    result = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "status"], capture_output=True, check=False
+    )
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def cluster_env() -> dict:
+    return {**os.environ, "TANDEM_PORT": str(TEST_PORT)}
+
+
+@pytest.fixture(scope="session")
+def cluster(cluster_env: dict):
+    if _local_ray_running():
+        pytest.fail("a local Ray cluster is already running: stop it (`tandem down`) before the tests")
+    started = subprocess.run(
+        ["make", "run"], cwd=ROOT, env=cluster_env, capture_output=True, text=True, timeout=1500
+    )
+    assert started.returncode == 0, f"make run failed:\n{started.stdout[-5000:]}\n{started.stderr[-5000:]}"
+    url = f"http://127.0.0.1:{TEST_PORT}"
+    assert f"{url}/v1" in started.stdout, started.stdout  # make run prints the URL...
+    assert "curl " in started.stdout  # ...and a curl example
+
+    import ray
+    from ray import serve
+
+    from control_plane.app import build_app_from_settings
+    from control_plane.redis_server import embedded_url
+    from control_plane.settings import load_settings
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    reference = load_settings(
+        None,
+        mode="colocated",
+        app_name=REFERENCE_APP,
+        route_prefix=f"/{REFERENCE_APP}",
+        port=TEST_PORT,
+        redis_url=embedded_url(),
+        colocated={"replicas": 1, "cpu_threads": 1},
+    )
+    serve.run(
+        build_app_from_settings(reference),
+        name=REFERENCE_APP,
+        route_prefix=reference.route_prefix,
+        blocking=False,
+    )
+    try:
+        yield Cluster(url=url, reference_url=f"{url}/{REFERENCE_APP}")
+    finally:
+        ray.shutdown()
+        tandem("down", env=cluster_env)
+
+
+@pytest.fixture(scope="session")
+def openai_client(cluster: Cluster):
+    from openai import OpenAI
+
+    return OpenAI(base_url=cluster.base_url, api_key="unused", timeout=300, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def reference_client(cluster: Cluster):
+    from openai import OpenAI
+
+    return OpenAI(base_url=cluster.reference_base_url, api_key="unused", timeout=300, max_retries=0)
+
+
+@pytest.fixture()
+def http(cluster: Cluster):
+    with httpx.Client(base_url=cluster.url, timeout=300) as client:
+        yield client

@@ -1,0 +1,110 @@
+"""The official `openai` client against Tandem's endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+
+from openai import AsyncOpenAI
+
+from tests.conftest import MODEL
+
+
+def test_models_list(openai_client):
+    models = openai_client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].max_model_len == 2048
+
+
+def test_chat_answers_paris(openai_client):
+    reply = openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=24,
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert len(reply.choices) == 1  # n defaults to 1
+    assert reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_completions(openai_client):
+    reply = openai_client.completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=4
+    )
+    assert "Paris" in reply.choices[0].text
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 4
+
+
+def test_streaming_chat_with_usage(openai_client):
+    stream = openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    assert "Paris" in text
+    assert finish and finish[-1] in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_streaming_raw_sse_ends_with_done(http):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say hi"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_streaming_completions(openai_client):
+    stream = openai_client.completions.create(
+        model=MODEL, prompt="One, two, three,", temperature=0, max_tokens=8, stream=True
+    )
+    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert text.strip()
+
+
+def test_stop_sequence(openai_client):
+    reply = openai_client.completions.create(
+        model=MODEL, prompt="The capital of France is Paris. The capital of Italy is",
+        temperature=0, max_tokens=32, stop=["."],
+    )
+    choice = reply.choices[0]
+    assert "." not in choice.text
+    assert choice.finish_reason == "stop"
+
+
+def test_concurrent_requests_all_answered(cluster):
+    async def run() -> list[str]:
+        client = AsyncOpenAI(base_url=cluster.base_url, api_key="unused", timeout=600, max_retries=0)
+        async def one(i: int) -> str:
+            reply = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+                max_tokens=16,
+                temperature=0,
+            )
+            return reply.choices[0].finish_reason
+        try:
+            return await asyncio.gather(*(one(i) for i in range(20)))
+        finally:
+            await client.close()
+
+    finishes = asyncio.run(run())
+    assert len(finishes) == 20
+    assert all(f in ("stop", "length") for f in finishes)
