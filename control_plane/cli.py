@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import typer
@@ -86,14 +86,14 @@ def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
 
 @app.command()
 def up(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Settings YAML file."),
-    prefill: Optional[int] = typer.Option(None, help="Prefill replicas."),
-    decode: Optional[int] = typer.Option(None, help="Decode replicas."),
-    colocated: Optional[int] = typer.Option(None, help="Colocated replicas (colocated mode)."),
-    mode: Optional[str] = typer.Option(None, help="disaggregated | colocated"),
-    host: Optional[str] = typer.Option(None, help="HTTP bind address."),
-    port: Optional[int] = typer.Option(None, help="HTTP port."),
-    model: Optional[str] = typer.Option(None, help="Local HF folder or hub id (default: bundled SmolLM2)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings YAML file."),
+    prefill: int | None = typer.Option(None, help="Prefill replicas."),
+    decode: int | None = typer.Option(None, help="Decode replicas."),
+    colocated: int | None = typer.Option(None, help="Colocated replicas (colocated mode)."),
+    mode: str | None = typer.Option(None, help="disaggregated | colocated"),
+    host: str | None = typer.Option(None, help="HTTP bind address."),
+    port: int | None = typer.Option(None, help="HTTP port."),
+    model: str | None = typer.Option(None, help="Local HF folder or hub id (default: bundled SmolLM2)."),
     dashboard: bool = typer.Option(False, help="Start Ray's dashboard with a local Ray."),
     timeout: float = typer.Option(900, help="Seconds to wait for the app to become healthy."),
 ) -> None:
@@ -257,7 +257,7 @@ def _serve_deployments(state: dict[str, Any]) -> dict[str, Any]:
 
 @model_app.command("prepare")
 def model_prepare(
-    model: Optional[str] = typer.Option(None, help="Local HF folder or hub id (default: bundled SmolLM2)."),
+    model: str | None = typer.Option(None, help="Local HF folder or hub id (default: bundled SmolLM2)."),
     force: bool = typer.Option(False, help="Convert again even if prepared."),
 ) -> None:
     """Prepare a model for serving (the bundled GGUF becomes a bf16 safetensors folder)."""

@@ -67,6 +67,16 @@ app.add_exception_handler(OpenAIError, _openai_error)  # type: ignore[arg-type]
 app.add_exception_handler(Exception, _unexpected_error)
 
 
+# Helpers the Ingress methods use must be defined above the class: Serve pickles the FastAPI
+# routes (by value) when @serve.ingress runs, capturing only the globals that exist then.
+async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
+    yield reply
+
+
+def _sse_error(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+
+
 class ServePool:
     """A worker deployment seen through its Serve handle (streaming calls)."""
 
@@ -253,11 +263,3 @@ class Ingress:
             await rest.aclose()  # type: ignore[attr-defined]
             metrics.REQUESTS.labels(path, status).inc()
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
-
-
-async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
-    yield reply
-
-
-def _sse_error(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
+from workers.engine import ERROR, RESPONSE, WorkerReply
 
 log = logging.getLogger(__name__)
 

