@@ -108,3 +108,11 @@ def test_concurrent_requests_all_answered(cluster):
     finishes = asyncio.run(run())
     assert len(finishes) == 20
     assert all(f in ("stop", "length") for f in finishes)
+
+
+def test_prometheus_metrics_count_requests(http, openai_client):
+    openai_client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    text = http.get("/metrics").text
+    assert 'tandem:requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert "tandem:e2e_request_latency_seconds_bucket" in text
+    assert "tandem:prefill_step_seconds_count" in text
