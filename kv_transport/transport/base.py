@@ -1,0 +1,169 @@
+"""What every transport shares: published transfers, the pull interface, a link rate limiter.
+
+A transport moves one transfer (a wire header plus payload buffers) from the worker that
+published it to the worker that pulls it. Publications are single-use and expire: the
+prefill side learns, through `on_done`, when it may free the request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kv_transport.wire import TransferHeader
+
+log = logging.getLogger(__name__)
+
+Materialize = Callable[[], tuple[TransferHeader, Sequence[memoryview]]]
+
+
+class TransferError(RuntimeError):
+    def __init__(self, message: str, code: str = "error"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Publication:
+    transfer_id: str
+    # Builds the header and buffers when the transfer is pulled, so encoding can wait
+    # until the puller (and so the link) is known.
+    materialize: Materialize
+    # Called once: (transfer_id, delivered). delivered=False on TTL expiry or shutdown.
+    on_done: Callable[[str, bool], None]
+    ttl_s: float = 60.0
+    created_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def expires_at(self) -> float:
+        return self.created_at + self.ttl_s
+
+
+class PublicationStore:
+    """Thread-safe map of live publications with a TTL reaper."""
+
+    def __init__(self, reap_interval_s: float = 0.5):
+        self._items: dict[str, Publication] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._reaper = threading.Thread(
+            target=self._reap_loop, args=(reap_interval_s,), name="tandem-kv-reaper", daemon=True
+        )
+        self._reaper.start()
+
+    def add(self, publication: Publication) -> None:
+        with self._cond:
+            self._items[publication.transfer_id] = publication
+            self._cond.notify_all()
+
+    def take(self, transfer_id: str, wait_s: float = 0.0) -> Publication | None:
+        """Remove and return a publication, waiting up to wait_s for it to appear (the
+        puller may race the publisher by a scheduler step)."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while transfer_id not in self._items:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return None
+                self._cond.wait(remaining)
+            return self._items.pop(transfer_id)
+
+    def finish(self, publication: Publication, delivered: bool) -> None:
+        _notify(publication, delivered)
+
+    def withdraw(self, transfer_id: str) -> bool:
+        with self._cond:
+            publication = self._items.pop(transfer_id, None)
+        if publication is not None:
+            _notify(publication, False)
+        return publication is not None
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def _reap_loop(self, interval_s: float) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                self._cond.wait(interval_s)
+                now = time.monotonic()
+                expired = [p for p in self._items.values() if p.expires_at <= now]
+                for publication in expired:
+                    del self._items[publication.transfer_id]
+            for publication in expired:
+                log.warning("KV transfer %s expired unpulled after %.0fs", publication.transfer_id, publication.ttl_s)
+                _notify(publication, False)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            leftovers = list(self._items.values())
+            self._items.clear()
+            self._cond.notify_all()
+        for publication in leftovers:
+            _notify(publication, False)
+
+
+def _notify(publication: Publication, delivered: bool) -> None:
+    try:
+        publication.on_done(publication.transfer_id, delivered)
+    except Exception:  # noqa: BLE001 - a callback must not kill a transport thread
+        log.exception("on_done callback failed for %s", publication.transfer_id)
+
+
+class RateLimiter:
+    """Token bucket in bytes/s, to emulate a slower link between two workers."""
+
+    def __init__(self, bytes_per_s: float, burst_bytes: float | None = None):
+        if bytes_per_s <= 0:
+            raise ValueError("bytes_per_s must be positive")
+        self.rate = float(bytes_per_s)
+        self.burst = float(burst_bytes if burst_bytes is not None else max(bytes_per_s / 100, 64 << 10))
+        self._tokens = self.burst
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def consume(self, nbytes: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= nbytes
+            deficit = -self._tokens
+        if deficit > 0:
+            time.sleep(deficit / self.rate)
+
+
+class Transport(ABC):
+    """Publish/fetch of a list of buffers. Pull is what the connector uses; a push mode
+    would add `push(address, header, buffers)` on the same publications."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def address(self) -> dict[str, Any]:
+        """Where pullers reach this worker (goes into kv_transfer_params)."""
+
+    @abstractmethod
+    def publish(self, publication: Publication) -> None: ...
+
+    @abstractmethod
+    def fetch(
+        self,
+        address: dict[str, Any],
+        transfer_id: str,
+        timeout_s: float = 30.0,
+        wait_s: float = 5.0,
+        limiter: RateLimiter | None = None,
+    ) -> tuple[TransferHeader, bytearray]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,198 @@
+"""The KV wire format and the tcp transport, with real sockets on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kv_transport.transport.base import Publication, RateLimiter, TransferError
+from kv_transport.transport.tcp import TcpTransport
+from kv_transport.wire import (
+    BufferInfo,
+    ChecksumMismatch,
+    TransferHeader,
+    WireFormatError,
+    checksum,
+    split_payload,
+    verify,
+)
+
+
+def _header(buffers: list[bytes], transfer_id: str = "t1") -> TransferHeader:
+    return TransferHeader(
+        transfer_id=transfer_id,
+        fingerprint="model:layout",
+        dtype="bfloat16",
+        block_size=128,
+        num_tokens=300,
+        num_blocks=3,
+        buffers=[BufferInfo(f"layer.{i}", len(b), len(b), [len(b)]) for i, b in enumerate(buffers)],
+        checksum=checksum(buffers),
+    )
+
+
+def test_header_round_trip_and_views():
+    buffers = [os.urandom(n) for n in (10, 0, 4096)]
+    header = _header(buffers)
+    frame = header.encode()
+    length = TransferHeader.parse_prefix(frame[:8])
+    again = TransferHeader.decode(frame[8 : 8 + length])
+    assert again == header
+    views = split_payload(again, memoryview(b"".join(buffers)))
+    assert [bytes(v) for v in views] == buffers
+    verify(again, views)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda f: b"XXXX" + f[4:],  # foreign magic
+        lambda f: f[:8] + b"{not json" + f[17:],  # corrupt header
+        lambda f: f[:6],  # truncated prefix
+    ],
+)
+def test_corrupt_frames_raise_clean_errors(mutate):
+    frame = _header([b"abc"]).encode()
+    with pytest.raises(WireFormatError):
+        bad = mutate(frame)
+        length = TransferHeader.parse_prefix(bad[:8])
+        TransferHeader.decode(bad[8 : 8 + length])
+
+
+def test_hostile_sizes_are_rejected_before_allocation():
+    header = _header([b"abc"])
+    header.buffers[0].nbytes = 1 << 50
+    frame = header.encode()
+    with pytest.raises(WireFormatError, match="exceeds"):
+        TransferHeader.decode(frame[8:])
+    with pytest.raises(WireFormatError):
+        TransferHeader.parse_prefix(b"TKV1" + (2**31).to_bytes(4, "little"))
+
+
+def test_checksum_detects_a_flipped_byte():
+    buffers = [bytearray(os.urandom(1000))]
+    header = _header([bytes(buffers[0])])
+    buffers[0][500] ^= 0x01
+    with pytest.raises(ChecksumMismatch):
+        verify(header, buffers)
+
+
+def _eventually(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture()
+def transports():
+    server, client = TcpTransport(), TcpTransport()
+    yield server, client
+    server.close()
+    client.close()
+
+
+def _publish(server: TcpTransport, transfer_id: str, buffers: list[bytes], ttl_s: float = 30.0):
+    done: list[tuple[str, bool]] = []
+    header = _header(buffers, transfer_id)
+    views = [memoryview(b) for b in buffers]
+    server.publish(Publication(transfer_id, lambda: (header, views), lambda t, ok: done.append((t, ok)), ttl_s))
+    return done
+
+
+@pytest.mark.parametrize("sizes", [[1], [1 << 20, 3, 0, 12345], [64 << 20, 64 << 20, 64 << 20, 64 << 20]],
+                         ids=["tiny", "mixed", "256MiB"])
+def test_round_trip_multi_buffer_payloads(transports, sizes):
+    server, client = transports
+    buffers = [os.urandom(n) if n < (1 << 20) else bytes(range(256)) * (n // 256) for n in sizes]
+    done = _publish(server, "big", buffers)
+    header, payload = client.fetch(server.address, "big")
+    views = split_payload(header, memoryview(payload))
+    verify(header, views)
+    assert [len(v) for v in views] == sizes
+    assert bytes(views[-1][:256]) == buffers[-1][:256]
+    assert _eventually(lambda: done == [("big", True)])
+
+
+def test_transfers_are_single_use_and_unknown_ids_fail_cleanly(transports):
+    server, client = transports
+    _publish(server, "once", [b"kv"])
+    client.fetch(server.address, "once")
+    with pytest.raises(TransferError) as err:
+        client.fetch(server.address, "once", wait_s=0.1)
+    assert err.value.code == "unknown_transfer"
+    # The failed pull left the pooled connection usable.
+    _publish(server, "again", [b"kv2"])
+    assert bytes(client.fetch(server.address, "again")[1]) == b"kv2"
+
+
+def test_pull_waits_for_a_late_publication(transports):
+    server, client = transports
+    timer = threading.Timer(0.3, lambda: _publish(server, "late", [b"x" * 100]))
+    timer.start()
+    header, payload = client.fetch(server.address, "late", wait_s=5)
+    assert len(payload) == 100
+
+
+def test_ttl_expiry_reports_undelivered(transports):
+    server, _ = transports
+    done = _publish(server, "never", [b"x"], ttl_s=0.2)
+    assert _eventually(lambda: done == [("never", False)])
+    assert len(server.store) == 0
+
+
+def test_concurrent_and_many_small_transfers(transports):
+    server, client = transports
+    payloads = {f"t{i}": [os.urandom(1000 + i), os.urandom(i)] for i in range(200)}
+    for tid, bufs in payloads.items():
+        _publish(server, tid, bufs)
+
+    def pull(tid):
+        header, payload = client.fetch(server.address, tid)
+        verify(header, split_payload(header, memoryview(payload)))
+        return bytes(payload) == b"".join(payloads[tid])
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(pull, payloads))
+
+
+def test_peer_gone_is_a_transfer_error(transports):
+    _, client = transports
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(TransferError):
+        client.fetch({"host": "127.0.0.1", "port": port}, "x", timeout_s=2)
+
+
+def test_truncated_stream_is_a_transfer_error(transports):
+    # A server that announces a large payload and dies half way.
+    _, client = transports
+    listener = socket.create_server(("127.0.0.1", 0))
+    header = _header([b"a" * 10_000])
+
+    def serve_half():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(header.encode() + b"a" * 5000)
+        conn.close()
+
+    threading.Thread(target=serve_half, daemon=True).start()
+    with pytest.raises(TransferError):
+        client.fetch({"host": "127.0.0.1", "port": listener.getsockname()[1]}, "t1", timeout_s=5)
+    listener.close()
+
+
+def test_rate_limiter_paces_a_link():
+    limiter = RateLimiter(bytes_per_s=10 << 20, burst_bytes=64 << 10)
+    started = time.monotonic()
+    for _ in range(20):
+        limiter.consume(256 << 10)  # 5 MiB in total
+    assert time.monotonic() - started >= 0.4  # ~0.5 s at 10 MiB/s
