@@ -64,15 +64,22 @@ class WorkerSettings(_Strict):
 class ConnectorSettings(_Strict):
     """The vLLM KV connector that moves KV from prefill to decode."""
 
-    # A vLLM connector class name (NixlConnector, ExampleConnector, ...) or Tandem's own.
-    name: str = "NixlConnector"
+    # "TandemConnector" (kv_transport/), or a vLLM connector class name (NixlConnector,
+    # ExampleConnector, ...).
+    name: str = "TandemConnector"
+    # Tandem's connector only: how KV moves between workers,
+    transport: Literal["tcp"] = "tcp"
+    # how long a prefill worker holds an unpulled request's KV before freeing it,
+    ttl_s: float = Field(60.0, gt=0)
+    # how long a decode worker waits for one pull before recomputing the prompt,
+    pull_timeout_s: float = Field(30.0, gt=0)
+    # and an optional per-link rate limit (bytes/s) to emulate slower networks.
+    rate_limit_bytes_per_s: float | None = Field(None, gt=0)
     # Module to load an out-of-tree connector from (vLLM's kv_connector_module_path).
     module_path: str | None = None
     # Where the connector stages KV: "cpu" on CPU engines (and for host-staged GPU transfers).
     buffer_device: Literal["cpu", "cuda"] = "cpu"
     extra_config: dict[str, Any] = Field(default_factory=dict)
-    # First port of the per-engine side channels (NIXL handshake); engine i uses base + i.
-    side_channel_base_port: int = Field(25600, ge=1024, le=65000)
 
 
 class RoutingSettings(_Strict):

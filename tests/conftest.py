@@ -18,6 +18,8 @@ BIN = Path(sys.executable).parent
 TEST_PORT = int(os.environ.get("TANDEM_TEST_PORT", "8123"))
 MODEL = "smollm2-135m-instruct"
 REFERENCE_APP = "reference"
+# A short KV hold time, so the tests can watch unpulled transfers expire.
+TTL_S = 10
 
 
 @dataclass
@@ -64,7 +66,7 @@ def _local_ray_running() -> bool:
 
 @pytest.fixture(scope="session")
 def cluster_env() -> dict:
-    return {**os.environ, "TANDEM_PORT": str(TEST_PORT)}
+    return {**os.environ, "TANDEM_PORT": str(TEST_PORT), "TANDEM_KV_CONNECTOR__TTL_S": str(TTL_S)}
 
 
 @pytest.fixture(scope="session")

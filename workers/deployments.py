@@ -65,8 +65,8 @@ class EngineWorker:
             "stats": self._host.routing_stats(),
         }
 
-    async def reset_prefix_cache(self) -> None:
-        await self._host.reset_prefix_cache()
+    async def reset_prefix_cache(self) -> bool:
+        return await self._host.reset_prefix_cache()
 
     async def _heartbeat_loop(self) -> None:
         while True:

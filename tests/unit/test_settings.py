@@ -14,7 +14,7 @@ def test_defaults_are_the_embedded_default(monkeypatch):
     assert settings.mode == "disaggregated"
     assert settings.prefill.replicas == 1 and settings.decode.replicas == 1
     assert settings.model.served_name == "smollm2-135m-instruct"
-    assert settings.kv_connector.name == "NixlConnector"
+    assert settings.kv_connector.name == "TandemConnector"
     assert settings.url == "http://127.0.0.1:8000"
     assert settings.engine_count() == 2
 

@@ -1,0 +1,425 @@
+"""Tandem's vLLM KV connector: moves each request's KV from a prefill engine to a decode engine.
+
+Load it out of tree:
+    kv_transfer_config = {"kv_connector": "TandemConnector",
+                          "kv_connector_module_path": "kv_transport.connector",
+                          "kv_role": "kv_both",
+                          "kv_connector_extra_config": {"transport": "tcp", "port": 0, ...}}
+
+Protocol (pull):
+1. Prefill request carries ``kv_transfer_params.do_remote_decode``. When it finishes,
+   `request_finished` keeps its blocks (delayed free) and returns
+   ``{"do_remote_prefill": true, "tandem": {transfer_id, address, num_tokens, ...}}``; the
+   worker publishes the blocks under a fresh 128-bit transfer id.
+2. Decode request carries those params. The scheduler side reports the prompt's tokens as an
+   asynchronous external hit; the worker pulls, verifies (size, checksum, fingerprint) and
+   writes them into the freshly allocated blocks, off the engine's step loop.
+3. The prefill worker reports the transfer finished (pulled, or expired after a TTL) and
+   vLLM frees the blocks. A failed pull is reported as failed: vLLM recomputes the prompt
+   (kv_load_failure_policy "recompute"), so the client still gets a correct answer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.logger import init_logger
+
+from kv_transport.layout import KVLayout
+from kv_transport.transport.base import Publication, RateLimiter, TransferError, Transport
+from kv_transport.wire import (
+    BufferInfo,
+    TransferHeader,
+    WireFormatError,
+    checksum,
+    split_payload,
+    verify,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = init_logger("vllm.tandem.kv")
+
+PARAMS_KEY = "tandem"
+
+
+@dataclass
+class SendSpec:
+    transfer_id: str
+    block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass
+class RecvSpec:
+    transfer: dict[str, Any]  # the prefill's kv_transfer_params["tandem"]
+    block_ids: list[int]  # local blocks to fill
+    first_block: int  # remote block index of block_ids[0] (skips a local prefix hit)
+
+
+@dataclass
+class TandemConnectorMetadata(KVConnectorMetadata):
+    sends: dict[str, SendSpec] = field(default_factory=dict)
+    recvs: dict[str, RecvSpec] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectorConfig:
+    transport: str = "tcp"
+    host: str = "127.0.0.1"  # bind address of this worker's KV listener
+    advertise_host: str | None = None  # address peers dial (default: host)
+    port: int = 0
+    ttl_s: float = 60.0  # an unpulled transfer is dropped (and its blocks freed) after this
+    pull_timeout_s: float = 30.0
+    wait_for_publication_s: float = 10.0
+    rate_limit_bytes_per_s: float | None = None  # emulate a slower link (tests, benchmarks)
+    pull_threads: int = 4
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
+        known = {k: v for k, v in extra.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class TandemKVStats(KVConnectorStats):
+    """Per-interval transfer telemetry, in the event-list form vLLM aggregates."""
+
+    _KEYS = ("transfer_duration", "bytes_transferred", "num_failed_transfers", "num_kv_expired_reqs")
+
+    def __post_init__(self) -> None:
+        for key in self._KEYS:
+            self.data.setdefault(key, [])
+
+    def reset(self) -> None:
+        self.data = {key: [] for key in self._KEYS}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key, values in other.data.items():
+            self.data.setdefault(key, []).extend(values)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        durations = self.data["transfer_duration"]
+        nbytes = self.data["bytes_transferred"]
+        return {
+            "Num successful transfers": len(durations),
+            "Avg xfer time (ms)": round(1000 * sum(durations) / len(durations), 3) if durations else 0.0,
+            "Total MB transferred": round(sum(nbytes) / 2**20, 3),
+            "Num failed transfers": len(self.data["num_failed_transfers"]),
+            "Num KV expired reqs": len(self.data["num_kv_expired_reqs"]),
+        }
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(key) for key in self._KEYS)
+
+
+class TandemConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.config = ConnectorConfig.from_extra(extra)
+        if vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise ValueError("TandemConnector supports tensor_parallel_size=1 for now")
+        self._block_size = vllm_config.cache_config.block_size
+        self._model = str(vllm_config.model_config.model)
+        self._scheduler = _SchedulerSide(self) if role == KVConnectorRole.SCHEDULER else None
+        self._worker = _WorkerSide(self, kv_cache_config) if role == KVConnectorRole.WORKER else None
+
+    # ---- scheduler side ------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta()
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request, block_ids)
+
+    # ---- worker side ---------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, TandemConnectorMetadata)
+        self._worker.start(metadata)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete before the request is scheduled (async external hit)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return  # nothing is copied during the forward: blocks are published when it ends
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self._worker is not None
+        return self._worker.transfer_results()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return TandemKVStats(data=data) if data is not None else TandemKVStats()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+
+class _SchedulerSide:
+    def __init__(self, connector: TandemConnector):
+        self.c = connector
+        cfg = connector.config
+        self.address = {"transport": cfg.transport, "host": cfg.advertise_host or cfg.host, "port": cfg.port}
+        self._sends: dict[str, SendSpec] = {}
+        self._recvs: dict[str, RecvSpec] = {}
+
+    @staticmethod
+    def _incoming(request: Request) -> dict[str, Any] | None:
+        params = request.kv_transfer_params
+        if params and params.get("do_remote_prefill") and isinstance(params.get(PARAMS_KEY), dict):
+            return params[PARAMS_KEY]
+        return None
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        transfer = self._incoming(request)
+        if transfer is None:
+            return 0, False
+        available = min(int(transfer.get("num_tokens", 0)), request.num_prompt_tokens)
+        count = available - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        transfer = self._incoming(request)
+        if transfer is None or num_external_tokens == 0:
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        num_tokens = min(int(transfer["num_tokens"]), request.num_prompt_tokens)
+        needed = -(-num_tokens // self.c._block_size)
+        # Tokens not loaded externally were a local prefix-cache hit (whole blocks): pull
+        # only the blocks after them.
+        first_block = (num_tokens - num_external_tokens) // self.c._block_size
+        self._recvs[request.request_id] = RecvSpec(
+            transfer=transfer, block_ids=block_ids[first_block:needed], first_block=first_block
+        )
+        # Consumed: a retry of this request must not pull again.
+        request.kv_transfer_params["do_remote_prefill"] = False
+
+    def build_connector_meta(self) -> TandemConnectorMetadata:
+        meta = TandemConnectorMetadata(sends=self._sends, recvs=self._recvs)
+        self._sends, self._recvs = {}, {}
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_decode"):
+            return False, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return False, None  # aborted: nothing to hand over
+        groups = block_ids if block_ids and isinstance(block_ids[0], (list, tuple)) else [block_ids]
+        blocks = list(groups[0]) if groups else []
+        num_tokens = len(request.prompt_token_ids or [])
+        blocks = blocks[: -(-num_tokens // self.c._block_size)]
+        if not blocks:
+            return False, None
+        transfer_id = secrets.token_hex(16)  # 128-bit, unguessable, single use
+        self._sends[request.request_id] = SendSpec(transfer_id, blocks, num_tokens)
+        return True, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            PARAMS_KEY: {
+                "transfer_id": transfer_id,
+                "address": self.address,
+                "num_tokens": num_tokens,
+                "num_blocks": len(blocks),
+                "block_size": self.c._block_size,
+            },
+        }
+
+
+class _WorkerSide:
+    def __init__(self, connector: TandemConnector, kv_cache_config: KVCacheConfig):
+        self.c = connector
+        self.cfg = connector.config
+        self.num_blocks = kv_cache_config.num_blocks
+        self.layout: KVLayout | None = None
+        self.transport: Transport = _make_transport(self.cfg)
+        self.limiter = RateLimiter(self.cfg.rate_limit_bytes_per_s) if self.cfg.rate_limit_bytes_per_s else None
+        self._pool = ThreadPoolExecutor(self.cfg.pull_threads, thread_name_prefix="tandem-kv-pull")
+        self._lock = threading.Lock()
+        self._finished_sending: set[str] = set()
+        self._finished_recving: set[str] = set()
+        self._failed_recving: set[str] = set()
+        self._stats = TandemKVStats()
+        self._transfer_to_request: dict[str, str] = {}
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.layout = KVLayout(kv_caches, self.num_blocks, self.c._block_size, self.c._model)
+        log.info(
+            "TandemConnector: %d layers, %d B/block, fingerprint %s, %s listening on %s",
+            len(self.layout.layers), self.layout.block_nbytes, self.layout.fingerprint,
+            self.transport.name, self.transport.address,
+        )
+
+    def start(self, meta: TandemConnectorMetadata) -> None:
+        for request_id, send in meta.sends.items():
+            self._publish(request_id, send)
+        for request_id, recv in meta.recvs.items():
+            self._pool.submit(self._pull, request_id, recv)
+
+    # -- prefill side: publish held blocks until pulled or expired --
+
+    def _publish(self, request_id: str, send: SendSpec) -> None:
+        assert self.layout is not None
+        layout = self.layout
+
+        def materialize() -> tuple[TransferHeader, list[memoryview]]:
+            if layout.device.type == "cpu":
+                per_layer = layout.block_views(send.block_ids)
+            else:
+                per_layer = [[_as_bytes(t)] for t in layout.gather_blocks(send.block_ids)]
+            flat = [view for views in per_layer for view in views]
+            header = TransferHeader(
+                transfer_id=send.transfer_id,
+                fingerprint=layout.fingerprint,
+                dtype=layout.dtype,
+                block_size=layout.block_size,
+                num_tokens=send.num_tokens,
+                num_blocks=len(send.block_ids),
+                buffers=[
+                    BufferInfo(layer.name, n, n, [len(send.block_ids)])
+                    for layer, n in ((layer, sum(len(v) for v in views)) for layer, views in zip(layout.layers, per_layer))
+                ],
+                checksum=checksum(flat),
+            )
+            return header, flat
+
+        def on_done(transfer_id: str, delivered: bool) -> None:
+            with self._lock:
+                self._finished_sending.add(request_id)
+                if not delivered:
+                    self._stats.data["num_kv_expired_reqs"].append(1)
+
+        self.transport.publish(Publication(send.transfer_id, materialize, on_done, self.cfg.ttl_s))
+
+    # -- decode side: pull, verify, write into the allocated blocks --
+
+    def _pull(self, request_id: str, recv: RecvSpec) -> None:
+        started = time.perf_counter()
+        nbytes = 0
+        try:
+            nbytes = self._pull_into_blocks(recv)
+        except Exception as exc:  # noqa: BLE001 - every failure must release the request
+            expected = isinstance(exc, (TransferError, WireFormatError, OSError))
+            log.warning(
+                "KV pull for %s failed (%r); decode recomputes the prompt",
+                request_id, exc, exc_info=not expected,
+            )
+            nbytes = -1
+        finally:
+            # Always report: a request left waiting for its KV would hang forever.
+            with self._lock:
+                if nbytes >= 0:
+                    self._stats.data["transfer_duration"].append(time.perf_counter() - started)
+                    self._stats.data["bytes_transferred"].append(nbytes)
+                else:
+                    self._stats.data["num_failed_transfers"].append(1)
+                    self._failed_recving.add(request_id)
+                self._finished_recving.add(request_id)
+
+    def _pull_into_blocks(self, recv: RecvSpec) -> int:
+        if self.layout is None:
+            raise RuntimeError("KV caches not registered")
+        transfer = recv.transfer
+        header, payload = self.transport.fetch(
+            transfer["address"], transfer["transfer_id"],
+            timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
+            limiter=self.limiter,
+        )
+        views = split_payload(header, memoryview(payload))
+        verify(header, views)
+        if header.fingerprint != self.layout.fingerprint:
+            raise WireFormatError(
+                f"KV layout fingerprint {header.fingerprint} != local {self.layout.fingerprint}"
+            )
+        if header.block_size != self.layout.block_size or header.dtype != self.layout.dtype:
+            raise WireFormatError("block size or dtype differs from the local cache")
+        stop = recv.first_block + len(recv.block_ids)
+        if stop > header.num_blocks or header.num_blocks == 0:
+            raise WireFormatError(f"needs {stop} blocks, transfer has {header.num_blocks}")
+        wanted = []
+        for view in views:
+            per_block = len(view) // header.num_blocks
+            wanted.append(view[recv.first_block * per_block : stop * per_block])
+        self.layout.scatter_blocks(recv.block_ids, wanted)
+        return len(payload)
+
+    def transfer_results(self) -> KVConnectorTransferResults:
+        with self._lock:
+            results = KVConnectorTransferResults(
+                finished_sending=self._finished_sending,
+                finished_recving=self._finished_recving,
+                failed_recving=self._failed_recving,
+            )
+            self._finished_sending, self._finished_recving, self._failed_recving = set(), set(), set()
+        return results
+
+    def take_stats(self) -> KVConnectorStats | None:
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, TandemKVStats()
+        return stats
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.transport.close()
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _make_transport(cfg: ConnectorConfig) -> Transport:
+    if cfg.transport == "tcp":
+        from kv_transport.transport.tcp import TcpTransport
+
+        return TcpTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host)
+    raise ValueError(f"unknown KV transport {cfg.transport!r} (available: tcp)")
