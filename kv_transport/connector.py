@@ -324,8 +324,10 @@ class _WorkerSide:
                 num_tokens=send.num_tokens,
                 num_blocks=len(send.block_ids),
                 buffers=[
-                    BufferInfo(layer.name, n, n, [len(send.block_ids)])
-                    for layer, n in ((layer, sum(len(v) for v in views)) for layer, views in zip(layout.layers, per_layer))
+                    BufferInfo(layer.name, nbytes, nbytes, [len(send.block_ids)])
+                    for layer, nbytes in zip(
+                        layout.layers, (sum(len(v) for v in views) for views in per_layer), strict=True
+                    )
                 ],
                 checksum=checksum(flat),
             )
