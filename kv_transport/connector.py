@@ -424,4 +424,8 @@ def _make_transport(cfg: ConnectorConfig) -> Transport:
         from kv_transport.transport.tcp import TcpTransport
 
         return TcpTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host)
-    raise ValueError(f"unknown KV transport {cfg.transport!r} (available: tcp)")
+    if cfg.transport == "nixl":
+        from kv_transport.transport.nixl import NixlTransport
+
+        return NixlTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host)
+    raise ValueError(f"unknown KV transport {cfg.transport!r} (available: tcp, nixl)")

@@ -18,6 +18,8 @@ BIN = Path(sys.executable).parent
 TEST_PORT = int(os.environ.get("TANDEM_TEST_PORT", "8123"))
 MODEL = "smollm2-135m-instruct"
 REFERENCE_APP = "reference"
+# A second disaggregated app whose workers move KV over NIXL instead of tcp.
+NIXL_APP = "nixl"
 # A short KV hold time, so the tests can watch unpulled transfers expire.
 TTL_S = 10
 
@@ -26,6 +28,7 @@ TTL_S = 10
 class Cluster:
     url: str  # the disaggregated app (what `make run` starts)
     reference_url: str  # a colocated app on the same model, for token-exact comparisons
+    nixl_url: str  # a disaggregated app using the nixl transport
     app_name: str = "tandem"
 
     @property
@@ -98,14 +101,25 @@ def cluster(cluster_env: dict):
         redis_url=embedded_url(),
         colocated={"replicas": 1, "cpu_threads": 1},
     )
-    serve.run(
-        build_app_from_settings(reference),
-        name=REFERENCE_APP,
-        route_prefix=reference.route_prefix,
-        blocking=False,
+    nixl = load_settings(
+        None,
+        app_name=NIXL_APP,
+        route_prefix=f"/{NIXL_APP}",
+        port=TEST_PORT,
+        redis_url=embedded_url(),
+        prefill={"replicas": 1, "cpu_threads": 1},
+        decode={"replicas": 1, "cpu_threads": 1},
+        kv_connector={"transport": "nixl", "ttl_s": TTL_S},
     )
+    for extra in (reference, nixl):
+        serve.run(
+            build_app_from_settings(extra),
+            name=extra.app_name,
+            route_prefix=extra.route_prefix,
+            blocking=False,
+        )
     try:
-        yield Cluster(url=url, reference_url=f"{url}/{REFERENCE_APP}")
+        yield Cluster(url=url, reference_url=f"{url}/{REFERENCE_APP}", nixl_url=f"{url}/{NIXL_APP}")
     finally:
         ray.shutdown()
         tandem("down", env=cluster_env)

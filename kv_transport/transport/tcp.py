@@ -17,7 +17,7 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kv_transport.transport.base import (
@@ -27,7 +27,7 @@ from kv_transport.transport.base import (
     TransferError,
     Transport,
 )
-from kv_transport.wire import PREFIX_SIZE, TransferHeader, WireFormatError
+from kv_transport.wire import PREFIX_SIZE, TransferHeader
 
 log = logging.getLogger(__name__)
 
@@ -104,44 +104,56 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             try:
                 request = json.loads(_recv_bytes(sock, length))
+                op = self.server.ops[str(request.get("op", "pull"))]
                 transfer_id = str(request["transfer_id"])
                 wait_s = min(float(request.get("wait_s", 0.0)), 60.0)
             except (ValueError, KeyError, TypeError, ConnectionError):
                 log.warning("tcp transport: unreadable request from %s", self.client_address)
                 return
-            if not self._serve_pull(sock, transfer_id, wait_s):
+            publication = self.server.store.take(transfer_id, wait_s)
+            if publication is None:
+                sock.sendall(_error_frame("unknown or expired transfer", "unknown_transfer"))
+                continue
+            try:
+                if not op(sock, publication, request):
+                    return
+            except OSError as exc:
+                log.warning("tcp transport: serving %s failed: %s", transfer_id, exc)
                 return
 
-    def _serve_pull(self, sock: socket.socket, transfer_id: str, wait_s: float) -> bool:
-        store = self.server.store
-        publication = store.take(transfer_id, wait_s)
-        if publication is None:
-            sock.sendall(_small_frame(_ERR_MAGIC, {"error": "unknown or expired transfer", "code": "unknown_transfer"}))
-            return True
-        delivered = False
-        try:
-            header, buffers = publication.materialize()
-            _send_buffers(sock, [header.encode(), *buffers])
-            delivered = True
-            return True
-        except OSError as exc:
-            log.warning("tcp transport: sending %s failed: %s", transfer_id, exc)
-            return False
-        except Exception as exc:  # noqa: BLE001 - report the failure to the puller
-            log.exception("tcp transport: preparing %s failed", transfer_id)
-            try:
-                sock.sendall(_small_frame(_ERR_MAGIC, {"error": str(exc), "code": "publish_failed"}))
-            except OSError:
-                return False
-            return True
-        finally:
-            store.finish(publication, delivered)
+
+def serve_pull(sock: socket.socket, publication: Publication, store: PublicationStore) -> bool:
+    """Send one publication's frame on ``sock``; False if the connection is unusable."""
+    delivered = False
+    try:
+        header, buffers = publication.materialize()
+        _send_buffers(sock, [header.encode(), *buffers])
+        delivered = True
+        return True
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - report the failure to the puller
+        log.exception("tcp transport: preparing %s failed", publication.transfer_id)
+        sock.sendall(_error_frame(str(exc), "publish_failed"))
+        return True
+    finally:
+        store.finish(publication, delivered)
+
+
+def _error_frame(message: str, code: str) -> bytes:
+    return _small_frame(_ERR_MAGIC, {"error": message, "code": code})
+
+
+# An operation serves one taken publication on a connection: (sock, publication, request)
+# -> whether the connection may serve further requests.
+Operation = Callable[[socket.socket, Publication, dict[str, Any]], bool]
 
 
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     store: PublicationStore
+    ops: dict[str, Operation]
 
 
 class TcpTransport(Transport):
@@ -151,6 +163,7 @@ class TcpTransport(Transport):
         self.store = PublicationStore()
         self._server = _Server((host, port), _Handler)
         self._server.store = self.store
+        self._server.ops = {"pull": lambda sock, pub, _req: serve_pull(sock, pub, self.store)}
         self.host = advertise_host or host
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tandem-kv-tcp", daemon=True)
@@ -173,28 +186,41 @@ class TcpTransport(Transport):
         wait_s: float = 5.0,
         limiter: RateLimiter | None = None,
     ) -> tuple[TransferHeader, bytearray]:
+        def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, bytearray]:
+            header = TransferHeader.decode(_recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
+            payload = bytearray(header.payload_nbytes)
+            _recv_exact(sock, memoryview(payload), limiter)
+            return header, payload
+
+        return self.request(address, {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s},
+                            receive, timeout_s + wait_s)
+
+    def request(
+        self,
+        address: dict[str, Any],
+        request: dict[str, Any],
+        receive: Callable[[socket.socket, bytes], Any],
+        timeout_s: float,
+    ) -> Any:
+        """One request/response on a pooled connection to ``address``. ``receive`` reads
+        the response after its 8-byte prefix; error frames become TransferError."""
         peer = (str(address["host"]), int(address["port"]))
         sock = self._checkout(peer, timeout_s)
         ok = False
         try:
-            sock.settimeout(timeout_s + wait_s)
-            sock.sendall(_small_frame(_REQ_MAGIC, {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s}))
+            sock.settimeout(timeout_s)
+            sock.sendall(_small_frame(_REQ_MAGIC, request))
             prefix = _recv_bytes(sock, PREFIX_SIZE)
             if prefix[:4] == _ERR_MAGIC:
                 (length,) = struct.unpack("<I", prefix[4:])
                 error = json.loads(_recv_bytes(sock, min(length, _MAX_REQUEST)))
                 ok = True
                 raise TransferError(f"{peer}: {error.get('error')}", code=error.get("code", "error"))
-            header_len = TransferHeader.parse_prefix(prefix)
-            header = TransferHeader.decode(_recv_bytes(sock, header_len))
-            payload = bytearray(header.payload_nbytes)
-            _recv_exact(sock, memoryview(payload), limiter)
+            result = receive(sock, prefix)
             ok = True
-            return header, payload
+            return result
         except (OSError, ConnectionError) as exc:
             raise TransferError(f"{peer}: {exc}", code="connection") from exc
-        except WireFormatError:
-            raise
         finally:
             self._checkin(peer, sock, reusable=ok)
 

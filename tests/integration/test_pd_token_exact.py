@@ -7,8 +7,9 @@ engine's own counters must also show the prompt's KV arrived through the connect
 from __future__ import annotations
 
 import pytest
+from openai import OpenAI
 
-from tests.conftest import MODEL, REFERENCE_APP
+from tests.conftest import MODEL, NIXL_APP, REFERENCE_APP
 
 PROMPTS = [
     "What is the capital of France?",
@@ -30,11 +31,20 @@ def _greedy_chat(client, prompt: str):
     )
 
 
+@pytest.fixture(scope="module", params=["tcp", "nixl"])
+def transport_app(request, cluster):
+    """(app name, client) of a disaggregated app per KV transport."""
+    if request.param == "tcp":
+        return cluster.app_name, OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0)
+    return NIXL_APP, OpenAI(base_url=f"{cluster.nixl_url}/v1", api_key="unused", max_retries=0)
+
+
 @pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: p[:24])
-def test_chat_output_matches_colocated(cluster, openai_client, reference_client, prompt):
-    before = cluster.worker_stats("DecodeWorker")
-    disaggregated = _greedy_chat(openai_client, prompt)
-    after = cluster.worker_stats("DecodeWorker")
+def test_chat_output_matches_colocated(cluster, transport_app, reference_client, prompt):
+    app_name, client = transport_app
+    before = cluster.worker_stats("DecodeWorker", app_name)
+    disaggregated = _greedy_chat(client, prompt)
+    after = cluster.worker_stats("DecodeWorker", app_name)
     colocated = _greedy_chat(reference_client, prompt)
 
     assert disaggregated.choices[0].message.content == colocated.choices[0].message.content
@@ -43,7 +53,9 @@ def test_chat_output_matches_colocated(cluster, openai_client, reference_client,
     assert prompt_tokens == colocated.usage.prompt_tokens
     # The decode engine loaded (nearly) the whole prompt's KV from the prefill worker.
     external_hits = after["external_kv_hits"] - before["external_kv_hits"]
-    assert external_hits >= prompt_tokens - 16, (external_hits, prompt_tokens)
+    assert external_hits == prompt_tokens, (external_hits, prompt_tokens)
+    assert after["kv_transfers"] == before["kv_transfers"] + 1
+    assert after["kv_transfer_failures"] == before["kv_transfer_failures"]
 
 
 def test_completions_output_matches_colocated(cluster, openai_client, reference_client):

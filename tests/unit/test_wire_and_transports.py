@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kv_transport.transport.base import Publication, RateLimiter, TransferError
+from kv_transport.transport.nixl import NixlTransport
 from kv_transport.transport.tcp import TcpTransport
 from kv_transport.wire import (
     BufferInfo,
@@ -91,9 +92,10 @@ def _eventually(predicate, timeout_s: float = 5.0) -> bool:
     return True
 
 
-@pytest.fixture()
-def transports():
-    server, client = TcpTransport(), TcpTransport()
+@pytest.fixture(params=["tcp", "nixl"])
+def transports(request):
+    cls = TcpTransport if request.param == "tcp" else NixlTransport
+    server, client = cls(), cls()
     yield server, client
     server.close()
     client.close()
