@@ -75,6 +75,9 @@ class ConnectorSettings(_Strict):
     pull_timeout_s: float = Field(30.0, gt=0)
     # and an optional per-link rate limit (bytes/s) to emulate slower networks.
     rate_limit_bytes_per_s: float | None = Field(None, gt=0)
+    # Where per-transfer telemetry goes besides Prometheus: "redis" (the stream the
+    # compression controller reads) and/or "log".
+    telemetry_sinks: list[Literal["redis", "log"]] = Field(default_factory=lambda: ["redis"])
     # Module to load an out-of-tree connector from (vLLM's kv_connector_module_path).
     module_path: str | None = None
     # Where the connector stages KV: "cpu" on CPU engines (and for host-staged GPU transfers).

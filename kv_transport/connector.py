@@ -39,6 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.logger import init_logger
 
 from kv_transport.layout import KVLayout
+from kv_transport.telemetry import TransferRecord, make_sinks
 from kv_transport.transport.base import Publication, RateLimiter, TransferError, Transport
 from kv_transport.wire import (
     BufferInfo,
@@ -94,6 +95,8 @@ class ConnectorConfig:
     wait_for_publication_s: float = 10.0
     rate_limit_bytes_per_s: float | None = None  # emulate a slower link (tests, benchmarks)
     pull_threads: int = 4
+    telemetry_sinks: list[str] = field(default_factory=lambda: ["redis"])
+    redis_url: str | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -105,7 +108,13 @@ class ConnectorConfig:
 class TandemKVStats(KVConnectorStats):
     """Per-interval transfer telemetry, in the event-list form vLLM aggregates."""
 
-    _KEYS = ("transfer_duration", "bytes_transferred", "num_failed_transfers", "num_kv_expired_reqs")
+    _KEYS = (
+        "transfer_duration",
+        "bytes_transferred",
+        "num_failed_transfers",
+        "num_kv_expired_reqs",
+        "records",  # one TransferRecord dict per pull, for Prometheus in the Serve replica
+    )
 
     def __post_init__(self) -> None:
         for key in self._KEYS:
@@ -288,7 +297,8 @@ class _WorkerSide:
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
         self._stats = TandemKVStats()
-        self._transfer_to_request: dict[str, str] = {}
+        self.sinks = make_sinks(self.cfg.telemetry_sinks, self.cfg.redis_url)
+        self.local_address = f"{self.cfg.advertise_host or self.cfg.host}:{self.transport.address['port']}"
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout = KVLayout(kv_caches, self.num_blocks, self.c._block_size, self.c._model)
@@ -344,37 +354,55 @@ class _WorkerSide:
     # -- decode side: pull, verify, write into the allocated blocks --
 
     def _pull(self, request_id: str, recv: RecvSpec) -> None:
+        transfer = recv.transfer
+        source = transfer.get("address", {})
+        record = TransferRecord(
+            transfer_id=str(transfer.get("transfer_id")),
+            link=f"{source.get('host')}:{source.get('port')}->{self.local_address}",
+            transport=self.transport.name,
+            codec="identity",
+            ok=False,
+        )
         started = time.perf_counter()
-        nbytes = 0
         try:
-            nbytes = self._pull_into_blocks(recv)
+            self._pull_into_blocks(recv, record)
+            record.ok = True
         except Exception as exc:  # noqa: BLE001 - every failure must release the request
             expected = isinstance(exc, (TransferError, WireFormatError, OSError))
             log.warning(
                 "KV pull for %s failed (%r); decode recomputes the prompt",
                 request_id, exc, exc_info=not expected,
             )
-            nbytes = -1
+            record.error = f"{type(exc).__name__}: {exc}"[:200]
         finally:
+            record.total_s = time.perf_counter() - started
             # Always report: a request left waiting for its KV would hang forever.
             with self._lock:
-                if nbytes >= 0:
-                    self._stats.data["transfer_duration"].append(time.perf_counter() - started)
-                    self._stats.data["bytes_transferred"].append(nbytes)
+                if record.ok:
+                    self._stats.data["transfer_duration"].append(record.total_s)
+                    self._stats.data["bytes_transferred"].append(record.wire_bytes)
                 else:
                     self._stats.data["num_failed_transfers"].append(1)
                     self._failed_recving.add(request_id)
+                self._stats.data["records"].append(record.to_dict())
                 self._finished_recving.add(request_id)
+            for sink in self.sinks:
+                sink.emit(record)
 
-    def _pull_into_blocks(self, recv: RecvSpec) -> int:
+    def _pull_into_blocks(self, recv: RecvSpec, record: TransferRecord) -> None:
         if self.layout is None:
             raise RuntimeError("KV caches not registered")
         transfer = recv.transfer
+        fetch_started = time.perf_counter()
         header, payload = self.transport.fetch(
             transfer["address"], transfer["transfer_id"],
             timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
             limiter=self.limiter,
         )
+        record.wire_s = time.perf_counter() - fetch_started
+        record.wire_bytes = len(payload)
+        record.raw_bytes = header.raw_nbytes
+        record.codec = header.codec.id
         views = split_payload(header, memoryview(payload))
         verify(header, views)
         if header.fingerprint != self.layout.fingerprint:
@@ -391,7 +419,6 @@ class _WorkerSide:
             per_block = len(view) // header.num_blocks
             wanted.append(view[recv.first_block * per_block : stop * per_block])
         self.layout.scatter_blocks(recv.block_ids, wanted)
-        return len(payload)
 
     def transfer_results(self) -> KVConnectorTransferResults:
         with self._lock:
@@ -413,6 +440,8 @@ class _WorkerSide:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -77,6 +77,13 @@ def _sse_error(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
 
+def _register_worker_metrics(settings: TandemSettings) -> None:
+    # Once per process: two ingress replicas never share one, but a re-init could.
+    if not getattr(_register_worker_metrics, "done", False):
+        REGISTRY.register(metrics.WorkerMetricsCollector(settings.redis_url, settings.app_name))
+        _register_worker_metrics.done = True  # type: ignore[attr-defined]
+
+
 class ServePool:
     """A worker deployment seen through its Serve handle (streaming calls)."""
 
@@ -113,6 +120,7 @@ class Ingress:
         self.decode = ServePool(decode) if decode is not None else None
         self.colocated = ServePool(colocated) if colocated is not None else None
         self._models_cache: dict[str, Any] | None = None
+        _register_worker_metrics(self.settings)
 
     # ---- endpoints ---------------------------------------------------------------------
 
@@ -136,7 +144,9 @@ class Ingress:
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # Off the event loop: collecting reads the workers' heartbeats from Redis.
+        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:

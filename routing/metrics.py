@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import redis
 from prometheus_client import Counter, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from control_plane.state import list_workers
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -37,3 +44,28 @@ CLIENT_DISCONNECTS = Counter(
     "tandem:client_disconnects",
     "Streaming requests aborted because the client went away.",
 )
+
+
+class WorkerMetricsCollector:
+    """Merges the metric families every live worker publishes on its Redis heartbeat, so
+    one scrape of the ingress sees the whole app (workers have no HTTP server)."""
+
+    def __init__(self, redis_url: str | None, app_name: str):
+        self._redis_url = redis_url
+        self._app_name = app_name
+
+    def collect(self) -> Iterator[Metric]:
+        if not self._redis_url:
+            return
+        try:
+            entries = list_workers(self._redis_url, self._app_name)
+        except (redis.RedisError, OSError, ValueError):
+            return  # Redis down: the ingress's own metrics still export
+        families: dict[str, Metric] = {}
+        for entry in entries:
+            for family in text_string_to_metric_families(entry.get("metrics", "")):
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                merged.samples.extend(family.samples)
+        yield from families.values()

@@ -18,6 +18,7 @@ from ray import serve
 from control_plane.settings import Role, settings_from_dict
 from control_plane.state import WorkerRegistry
 from workers.engine import EngineHost, WorkerReply
+from workers.metrics import WorkerMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -30,8 +31,9 @@ class EngineWorker:
     async def __init__(self, settings: dict[str, Any]):
         self._settings = settings_from_dict(settings)
         self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self.metrics = WorkerMetrics(self.role, self._replica_id)
         self._host = EngineHost(
-            self._settings, self.role, node_host=ray.util.get_node_ip_address()
+            self._settings, self.role, node_host=ray.util.get_node_ip_address(), metrics=self.metrics
         )
         await self._host.start()
         self._started_at = time.time()
@@ -50,6 +52,9 @@ class EngineWorker:
 
     def record_routing_stats(self) -> dict[str, Any]:
         return self._host.routing_stats()
+
+    def metrics_text(self) -> str:
+        return self.metrics.exposition()
 
     def describe(self) -> dict[str, Any]:
         info = self._host.info
@@ -72,6 +77,7 @@ class EngineWorker:
         while True:
             entry = self.describe()
             entry["heartbeat_at"] = time.time()
+            entry["metrics"] = self.metrics.exposition()
             await self._registry.publish(self._replica_id, entry)
             await asyncio.sleep(HEARTBEAT_PERIOD_S)
 

@@ -21,6 +21,7 @@ from control_plane.model import resolve_model
 from control_plane.paths import run_dir
 from control_plane.settings import Role, TandemSettings
 from workers import cpu_binding
+from workers.metrics import WorkerMetrics
 from workers.stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def kv_transfer_config(
         extra.setdefault("ttl_s", connector.ttl_s)
         extra.setdefault("pull_timeout_s", connector.pull_timeout_s)
         extra.setdefault("rate_limit_bytes_per_s", connector.rate_limit_bytes_per_s)
+        extra.setdefault("telemetry_sinks", list(connector.telemetry_sinks))
+        extra.setdefault("redis_url", settings.redis_url)
         if listener is not None:
             extra.setdefault("host", listener["host"])
             extra.setdefault("port", listener["port"])
@@ -175,11 +178,17 @@ def _prompt_token_count(prompt: Any) -> int:
 class EngineHost:
     """One vLLM AsyncLLM plus vLLM's OpenAI serving objects, for one role."""
 
-    def __init__(self, settings: TandemSettings, role: Role, node_host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        settings: TandemSettings,
+        role: Role,
+        node_host: str = "127.0.0.1",
+        metrics: WorkerMetrics | None = None,
+    ):
         self.settings = settings
         self.role = role
         self.node_host = node_host
-        self.stats = EngineStats()
+        self.stats = EngineStats(metrics)
         self.engine: Any = None
         self._chat: Any = None
         self._completion: Any = None

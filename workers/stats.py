@@ -30,7 +30,9 @@ class _CacheCounter:
 
 
 class EngineStats:
-    def __init__(self) -> None:
+    def __init__(self, metrics: Any = None) -> None:
+        # Optional workers.metrics.WorkerMetrics fed with every update.
+        self.metrics = metrics
         self._lock = threading.Lock()
         self.running = 0
         self.waiting = 0
@@ -79,6 +81,8 @@ class EngineStats:
             self.external_cache.add(scheduler_stats.connector_prefix_cache_stats)
             self._add_connector_stats(scheduler_stats.kv_connector_stats)
             self.updated_at = time.time()
+            if self.metrics is not None:
+                self.metrics.record_engine(self.running, self.waiting, self.kv_cache_usage)
 
     def _add_connector_stats(self, stats: Any) -> None:
         # A dict of per-event lists, possibly nested per connector; count by known names.
@@ -98,6 +102,11 @@ class EngineStats:
                     self.kv_transfer_failures += len(value)
                 elif key == "num_kv_expired_reqs":
                     self.kv_expired_requests += len(value)
+                    if self.metrics is not None and value:
+                        self.metrics.record_expired(len(value))
+                elif key == "records" and self.metrics is not None:
+                    for record in value:
+                        self.metrics.record_transfer(record)
 
     def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         """A vLLM StatLoggerFactory bound to this object."""

@@ -150,3 +150,28 @@ def test_client_disconnect_aborts_engine_request(cluster, http):
     # before 1500 tokens would have taken.
     idle = _wait_idle(cluster, "DecodeWorker")
     assert idle["running"] == 0 and idle["in_flight_requests"] == 0, idle
+
+
+def test_transfer_telemetry_reaches_redis_and_prometheus(cluster, http, reference_text):
+    from control_plane.redis_server import embedded_url
+    from kv_transport.telemetry import read_stream
+
+    params = _prefill(cluster)
+    transfer_id = params["tandem"]["transfer_id"]
+    _decode_with(cluster, params)
+    records = [r for r in read_stream(embedded_url()) if r["transfer_id"] == transfer_id]
+    assert len(records) == 1
+    record = records[0]
+    assert record["ok"] and record["transport"] == "tcp" and record["codec"] == "identity"
+    assert record["raw_bytes"] == record["wire_bytes"] > 0
+    assert "->" in record["link"] and record["wire_s"] > 0 and record["goodput_bytes_per_s"] > 0
+    # Worker metrics reach the ingress's /metrics with the next heartbeat.
+    deadline = time.monotonic() + 20
+    while True:
+        text = http.get("/metrics").text
+        if 'tandem:kv_transfers_total{' in text and 'outcome="ok"' in text:
+            break
+        assert time.monotonic() < deadline, "worker KV metrics never reached /metrics"
+        time.sleep(1)
+    assert 'tandem:kv_transfer_bytes_total{' in text and 'role="decode"' in text
+    assert "tandem:engine_kv_cache_usage{" in text

@@ -1,0 +1,125 @@
+"""Per-transfer telemetry: what each KV transfer cost, handed to pluggable sinks.
+
+Records are produced inside the vLLM worker process (decode side, which sees the whole
+pull). Sinks: ``log`` and ``redis`` (a capped Redis stream the compression controller
+consumes). Prometheus export happens in the Serve replica from the same records, which
+travel with vLLM's connector stats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+
+TELEMETRY_STREAM = "tandem:telemetry:transfers"
+
+
+@dataclass
+class TransferRecord:
+    transfer_id: str
+    link: str  # "prefill_host:port->decode_host:port"
+    transport: str
+    codec: str
+    ok: bool
+    raw_bytes: int = 0  # KV bytes before the codec
+    wire_bytes: int = 0  # bytes that crossed the link
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    wire_s: float = 0.0  # fetch time: request to last payload byte
+    total_s: float = 0.0  # fetch + verify + decode + write into the paged cache
+    error: str = ""
+    at: float = field(default_factory=time.time)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else 1.0
+
+    @property
+    def goodput_bytes_per_s(self) -> float:
+        """KV bytes delivered per second of the whole transfer."""
+        return self.raw_bytes / self.total_s if self.total_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["compression_ratio"] = self.compression_ratio
+        data["goodput_bytes_per_s"] = self.goodput_bytes_per_s
+        return data
+
+
+class TelemetrySink(ABC):
+    @abstractmethod
+    def emit(self, record: TransferRecord) -> None: ...
+
+    def close(self) -> None:
+        return None
+
+
+class LogSink(TelemetrySink):
+    def emit(self, record: TransferRecord) -> None:
+        log.info("kv transfer %s", json.dumps(record.to_dict()))
+
+
+class RedisStreamSink(TelemetrySink):
+    """XADD each record to a capped stream; never blocks or fails a transfer."""
+
+    def __init__(self, url: str, stream: str = TELEMETRY_STREAM, maxlen: int = 100_000):
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._stream = stream
+        self._maxlen = maxlen
+        self._warned = False
+
+    def emit(self, record: TransferRecord) -> None:
+        import redis
+
+        try:
+            fields = {k: json.dumps(v) for k, v in record.to_dict().items()}
+            self._client.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)
+            self._warned = False
+        except (redis.RedisError, OSError) as exc:
+            if not self._warned:
+                log.warning("telemetry: Redis unavailable (%s); records are dropped", exc)
+                self._warned = True
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class CollectingSink(TelemetrySink):
+    """Keeps records in memory (benchmarks)."""
+
+    def __init__(self) -> None:
+        self.records: list[TransferRecord] = []
+
+    def emit(self, record: TransferRecord) -> None:
+        self.records.append(record)
+
+
+def make_sinks(names: list[str], redis_url: str | None) -> list[TelemetrySink]:
+    sinks: list[TelemetrySink] = []
+    for name in names:
+        if name == "log":
+            sinks.append(LogSink())
+        elif name == "redis":
+            if redis_url:
+                sinks.append(RedisStreamSink(redis_url))
+        else:
+            raise ValueError(f"unknown telemetry sink {name!r} (available: log, redis)")
+    return sinks
+
+
+def read_stream(url: str, count: int = 1000, stream: str = TELEMETRY_STREAM) -> list[dict]:
+    """The newest records of the stream, oldest first (for the controller, tests, CLI)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2.0)
+    entries = client.xrevrange(stream, count=count)
+    return [
+        {k.decode(): json.loads(v) for k, v in fields.items()} for _, fields in reversed(entries)
+    ]
