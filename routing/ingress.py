@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -67,21 +67,15 @@ app.add_exception_handler(OpenAIError, _openai_error)  # type: ignore[arg-type]
 app.add_exception_handler(Exception, _unexpected_error)
 
 
-# Helpers the Ingress methods use must be defined above the class: Serve pickles the FastAPI
-# routes (by value) when @serve.ingress runs, capturing only the globals that exist then.
+# Serve pickles the FastAPI routes by value when @serve.ingress runs: helpers they use must be
+# defined above the class, and live process-wide objects (the Prometheus registry) must be
+# reached through their module, or the replica gets a frozen copy of them.
 async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
     yield reply
 
 
 def _sse_error(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
-
-
-def _register_worker_metrics(settings: TandemSettings) -> None:
-    # Once per process: two ingress replicas never share one, but a re-init could.
-    if not getattr(_register_worker_metrics, "done", False):
-        REGISTRY.register(metrics.WorkerMetricsCollector(settings.redis_url, settings.app_name))
-        _register_worker_metrics.done = True  # type: ignore[attr-defined]
 
 
 class ServePool:
@@ -120,7 +114,7 @@ class Ingress:
         self.decode = ServePool(decode) if decode is not None else None
         self.colocated = ServePool(colocated) if colocated is not None else None
         self._models_cache: dict[str, Any] | None = None
-        _register_worker_metrics(self.settings)
+        metrics.include_workers(self.settings.redis_url, self.settings.app_name)
 
     # ---- endpoints ---------------------------------------------------------------------
 
@@ -145,7 +139,7 @@ class Ingress:
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         # Off the event loop: collecting reads the workers' heartbeats from Redis.
-        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        body = await asyncio.to_thread(metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -69,3 +69,17 @@ class WorkerMetricsCollector:
                 )
                 merged.samples.extend(family.samples)
         yield from families.values()
+
+
+_included: set[tuple[str | None, str]] = set()
+
+
+def include_workers(redis_url: str | None, app_name: str) -> None:
+    """Serve the workers' metrics from this process's registry (once per app)."""
+    if (redis_url, app_name) not in _included:
+        REGISTRY.register(WorkerMetricsCollector(redis_url, app_name))
+        _included.add((redis_url, app_name))
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)
