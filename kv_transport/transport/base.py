@@ -20,6 +20,20 @@ from kv_transport.wire import TransferHeader
 log = logging.getLogger(__name__)
 
 Materialize = Callable[[], tuple[TransferHeader, Sequence[memoryview]]]
+# Chooses where a pulled payload lands, once its header is known: writable views whose sizes
+# add up to header.payload_nbytes (e.g. the destination KV blocks: a zero-copy receive). None
+# lets the transport allocate one buffer.
+Destination = Callable[[TransferHeader], Sequence[memoryview] | None]
+
+
+def receive_buffers(header: TransferHeader, into: Destination | None) -> list[memoryview]:
+    views = into(header) if into is not None else None
+    if views is None:
+        return [memoryview(bytearray(header.payload_nbytes))]
+    views = [memoryview(v).cast("B") for v in views]
+    if sum(len(v) for v in views) != header.payload_nbytes:
+        raise TransferError("destination buffers do not match the payload size", code="protocol")
+    return views
 
 
 class TransferError(RuntimeError):
@@ -163,7 +177,9 @@ class Transport(ABC):
         timeout_s: float = 30.0,
         wait_s: float = 5.0,
         limiter: RateLimiter | None = None,
-    ) -> tuple[TransferHeader, bytearray]: ...
+        into: Destination | None = None,
+    ) -> tuple[TransferHeader, list[memoryview]]:
+        """Pull one transfer; returns its header and the views the payload landed in."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -28,7 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from kv_transport.transport.base import Publication, RateLimiter, TransferError
+from kv_transport.transport.base import (
+    Destination,
+    Publication,
+    RateLimiter,
+    TransferError,
+    receive_buffers,
+)
 from kv_transport.transport.tcp import TcpTransport, _error_frame, _recv_bytes
 from kv_transport.wire import TransferHeader
 
@@ -139,7 +145,8 @@ class NixlTransport(TcpTransport):
         timeout_s: float = 30.0,
         wait_s: float = 5.0,
         limiter: RateLimiter | None = None,
-    ) -> tuple[TransferHeader, bytearray]:
+        into: Destination | None = None,
+    ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> dict[str, Any]:
             magic, length = struct.unpack("<4sI", prefix)
             if magic != _DESC_MAGIC:
@@ -153,37 +160,40 @@ class NixlTransport(TcpTransport):
         regions = [(int(a), int(n)) for a, n in described["regions"]]
         if sum(n for _, n in regions) != header.payload_nbytes:
             raise TransferError("descriptors do not cover the announced payload", code="protocol")
-        payload = bytearray(header.payload_nbytes)
+        views = receive_buffers(header, into)
         if regions:
-            self._read(transfer_id, base64.b64decode(described["agent"]), regions, payload, timeout_s)
+            self._read(transfer_id, base64.b64decode(described["agent"]), regions, views, timeout_s)
         if limiter is not None:
-            limiter.consume(len(payload))
-        return header, payload
+            limiter.consume(header.payload_nbytes)
+        return header, views
 
     def _read(
         self,
         transfer_id: str,
         agent_metadata: bytes,
         regions: list[tuple[int, int]],
-        payload: bytearray,
+        views: list[memoryview],
         timeout_s: float,
     ) -> None:
         remote_agent = self.agent.add_remote_agent(agent_metadata)
         if isinstance(remote_agent, bytes):
             remote_agent = remote_agent.decode()
         self._known_agents.add(remote_agent)
-        base, _ = _address_of(memoryview(payload))
-        registered = self.agent.register_memory([(base, len(payload), 0, "")], "DRAM")
+        local_regions = [_address_of(v) for v in views if len(v)]
+        registered = self.agent.register_memory(
+            [(a, n, 0, "") for a, n in _coalesce(local_regions)], "DRAM"
+        )
         handle = None
         try:
-            local, offset = [], 0
-            for _, length in regions:
-                local.append((base + offset, length, 0))
-                offset += length
-            local_descs = self.agent.get_xfer_descs(local, "DRAM")
-            remote_descs = self.agent.get_xfer_descs([(a, n, 0) for a, n in regions], "DRAM")
+            # Both sides' descriptor lists must pair up one to one: cut them at every
+            # boundary of either side.
+            local, remote = _pair_descriptors(local_regions, regions)
             handle = self.agent.initialize_xfer(
-                "READ", local_descs, remote_descs, remote_agent, _notif_for(transfer_id)
+                "READ",
+                self.agent.get_xfer_descs(local, "DRAM"),
+                self.agent.get_xfer_descs(remote, "DRAM"),
+                remote_agent,
+                _notif_for(transfer_id),
             )
             state = self.agent.transfer(handle)
             deadline = time.monotonic() + timeout_s
@@ -206,6 +216,28 @@ class NixlTransport(TcpTransport):
                 self.agent.remove_remote_agent(name)
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
+
+
+def _pair_descriptors(
+    local: list[tuple[int, int]], remote: list[tuple[int, int]]
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Split two region lists of equal total size into pairwise equal-length pieces."""
+    out_local, out_remote = [], []
+    li = ri = 0
+    l_off = r_off = 0
+    while li < len(local) and ri < len(remote):
+        l_addr, l_len = local[li]
+        r_addr, r_len = remote[ri]
+        take = min(l_len - l_off, r_len - r_off)
+        out_local.append((l_addr + l_off, take, 0))
+        out_remote.append((r_addr + r_off, take, 0))
+        l_off += take
+        r_off += take
+        if l_off == l_len:
+            li, l_off = li + 1, 0
+        if r_off == r_len:
+            ri, r_off = ri + 1, 0
+    return out_local, out_remote
 
 
 def _notif_for(transfer_id: str) -> bytes:

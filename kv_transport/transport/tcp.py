@@ -21,11 +21,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kv_transport.transport.base import (
+    Destination,
     Publication,
     PublicationStore,
     RateLimiter,
     TransferError,
     Transport,
+    receive_buffers,
 )
 from kv_transport.wire import PREFIX_SIZE, TransferHeader
 
@@ -185,12 +187,14 @@ class TcpTransport(Transport):
         timeout_s: float = 30.0,
         wait_s: float = 5.0,
         limiter: RateLimiter | None = None,
-    ) -> tuple[TransferHeader, bytearray]:
-        def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, bytearray]:
+        into: Destination | None = None,
+    ) -> tuple[TransferHeader, list[memoryview]]:
+        def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
             header = TransferHeader.decode(_recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
-            payload = bytearray(header.payload_nbytes)
-            _recv_exact(sock, memoryview(payload), limiter)
-            return header, payload
+            views = receive_buffers(header, into)
+            for view in views:
+                _recv_exact(sock, view, limiter)
+            return header, views
 
         return self.request(address, {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s},
                             receive, timeout_s + wait_s)

@@ -115,8 +115,8 @@ def test_round_trip_multi_buffer_payloads(transports, sizes):
     server, client = transports
     buffers = [os.urandom(n) if n < (1 << 20) else bytes(range(256)) * (n // 256) for n in sizes]
     done = _publish(server, "big", buffers)
-    header, payload = client.fetch(server.address, "big")
-    views = split_payload(header, memoryview(payload))
+    header, received = client.fetch(server.address, "big")
+    views = split_payload(header, received[0])
     verify(header, views)
     assert [len(v) for v in views] == sizes
     assert bytes(views[-1][:256]) == buffers[-1][:256]
@@ -132,15 +132,15 @@ def test_transfers_are_single_use_and_unknown_ids_fail_cleanly(transports):
     assert err.value.code == "unknown_transfer"
     # The failed pull left the pooled connection usable.
     _publish(server, "again", [b"kv2"])
-    assert bytes(client.fetch(server.address, "again")[1]) == b"kv2"
+    assert bytes(client.fetch(server.address, "again")[1][0]) == b"kv2"
 
 
 def test_pull_waits_for_a_late_publication(transports):
     server, client = transports
     timer = threading.Timer(0.3, lambda: _publish(server, "late", [b"x" * 100]))
     timer.start()
-    header, payload = client.fetch(server.address, "late", wait_s=5)
-    assert len(payload) == 100
+    header, received = client.fetch(server.address, "late", wait_s=5)
+    assert header.payload_nbytes == len(received[0]) == 100
 
 
 def test_ttl_expiry_reports_undelivered(transports):
@@ -157,12 +157,26 @@ def test_concurrent_and_many_small_transfers(transports):
         _publish(server, tid, bufs)
 
     def pull(tid):
-        header, payload = client.fetch(server.address, tid)
-        verify(header, split_payload(header, memoryview(payload)))
-        return bytes(payload) == b"".join(payloads[tid])
+        header, received = client.fetch(server.address, tid)
+        verify(header, split_payload(header, received[0]))
+        return bytes(received[0]) == b"".join(payloads[tid])
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(pull, payloads))
+
+
+def test_scatter_receive_into_caller_buffers(transports):
+    server, client = transports
+    buffers = [os.urandom(5000), os.urandom(3000)]
+    _publish(server, "scatter", buffers)
+    destination = [memoryview(bytearray(1000)), memoryview(bytearray(7000))]
+    header, received = client.fetch(server.address, "scatter", into=lambda h: destination)
+    assert received[0].obj is destination[0].obj  # landed where the caller asked
+    verify(header, received)
+    assert b"".join(bytes(v) for v in destination) == b"".join(buffers)
+    _publish(server, "mismatch", buffers)
+    with pytest.raises(TransferError):
+        client.fetch(server.address, "mismatch", into=lambda h: [memoryview(bytearray(10))])
 
 
 def test_peer_gone_is_a_transfer_error(transports):
