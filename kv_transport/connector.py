@@ -40,7 +40,7 @@ from vllm.logger import init_logger
 
 from kv_transport.layout import KVLayout
 from kv_transport.telemetry import TransferRecord, make_sinks
-from kv_transport.transport.base import Publication, RateLimiter, TransferError, Transport
+from kv_transport.transport.base import EXPIRED, Publication, RateLimiter, TransferError, Transport
 from kv_transport.wire import (
     BufferInfo,
     TransferHeader,
@@ -82,6 +82,9 @@ class RecvSpec:
 class TandemConnectorMetadata(KVConnectorMetadata):
     sends: dict[str, SendSpec] = field(default_factory=dict)
     recvs: dict[str, RecvSpec] = field(default_factory=dict)
+    # Transfers this engine will never pull (request aborted, or nothing left to load):
+    # the publisher is told to free them now instead of holding blocks until the TTL.
+    releases: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -217,6 +220,7 @@ class _SchedulerSide:
         self.address = {"transport": cfg.transport, "host": cfg.advertise_host or cfg.host, "port": cfg.port}
         self._sends: dict[str, SendSpec] = {}
         self._recvs: dict[str, RecvSpec] = {}
+        self._releases: list[dict[str, Any]] = []
 
     @staticmethod
     def _incoming(request: Request) -> dict[str, Any] | None:
@@ -235,7 +239,10 @@ class _SchedulerSide:
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         transfer = self._incoming(request)
-        if transfer is None or num_external_tokens == 0:
+        if transfer is None:
+            return
+        if num_external_tokens == 0:
+            self._release(request, transfer)
             return
         block_ids = list(blocks.get_block_ids()[0])
         num_tokens = min(int(transfer["num_tokens"]), request.num_prompt_tokens)
@@ -249,15 +256,25 @@ class _SchedulerSide:
         # Consumed: a retry of this request must not pull again.
         request.kv_transfer_params["do_remote_prefill"] = False
 
+    def _release(self, request: Request, transfer: dict[str, Any]) -> None:
+        self._releases.append(transfer)
+        request.kv_transfer_params["do_remote_prefill"] = False
+
     def build_connector_meta(self) -> TandemConnectorMetadata:
-        meta = TandemConnectorMetadata(sends=self._sends, recvs=self._recvs)
-        self._sends, self._recvs = {}, {}
+        meta = TandemConnectorMetadata(sends=self._sends, recvs=self._recvs, releases=self._releases)
+        self._sends, self._recvs, self._releases = {}, {}, []
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
         params = request.kv_transfer_params
+        transfer = self._incoming(request)
+        if transfer is not None:
+            # A decode request that ended before its KV was pulled (e.g. aborted while
+            # queued): free the prefill worker's copy now.
+            self._release(request, transfer)
+            return False, None
         if not params or not params.get("do_remote_decode"):
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
@@ -290,7 +307,8 @@ class _WorkerSide:
         self.num_blocks = kv_cache_config.num_blocks
         self.layout: KVLayout | None = None
         self.transport: Transport = _make_transport(self.cfg)
-        self.limiter = RateLimiter(self.cfg.rate_limit_bytes_per_s) if self.cfg.rate_limit_bytes_per_s else None
+        # One token bucket per link (source worker), as a real network path would have.
+        self._limiters: dict[str, RateLimiter] = {}
         self._pool = ThreadPoolExecutor(self.cfg.pull_threads, thread_name_prefix="tandem-kv-pull")
         self._lock = threading.Lock()
         self._finished_sending: set[str] = set()
@@ -313,6 +331,14 @@ class _WorkerSide:
             self._publish(request_id, send)
         for request_id, recv in meta.recvs.items():
             self._pool.submit(self._pull, request_id, recv)
+        for transfer in meta.releases:
+            self._pool.submit(self._release, transfer)
+
+    def _release(self, transfer: dict[str, Any]) -> None:
+        try:
+            self.transport.release(transfer["address"], transfer["transfer_id"])
+        except Exception as exc:  # noqa: BLE001 - the publisher's TTL frees it anyway
+            log.info("releasing KV transfer %s failed (%r); its TTL will free it", transfer.get("transfer_id"), exc)
 
     # -- prefill side: publish held blocks until pulled or expired --
 
@@ -343,10 +369,10 @@ class _WorkerSide:
             )
             return header, flat
 
-        def on_done(transfer_id: str, delivered: bool) -> None:
+        def on_done(transfer_id: str, outcome: str) -> None:
             with self._lock:
                 self._finished_sending.add(request_id)
-                if not delivered:
+                if outcome == EXPIRED:
                     self._stats.data["num_kv_expired_reqs"].append(1)
 
         self.transport.publish(Publication(send.transfer_id, materialize, on_done, self.cfg.ttl_s))
@@ -389,6 +415,14 @@ class _WorkerSide:
             for sink in self.sinks:
                 sink.emit(record)
 
+    def _limiter(self, link: str) -> RateLimiter | None:
+        if not self.cfg.rate_limit_bytes_per_s:
+            return None
+        with self._lock:
+            if link not in self._limiters:
+                self._limiters[link] = RateLimiter(self.cfg.rate_limit_bytes_per_s)
+            return self._limiters[link]
+
     def _pull_into_blocks(self, recv: RecvSpec, record: TransferRecord) -> None:
         layout = self.layout
         if layout is None:
@@ -416,7 +450,7 @@ class _WorkerSide:
         header, received = self.transport.fetch(
             transfer["address"], transfer["transfer_id"],
             timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
-            limiter=self.limiter, into=straight_into_blocks,
+            limiter=self._limiter(record.link), into=straight_into_blocks,
         )
         record.wire_s = time.perf_counter() - fetch_started
         record.wire_bytes = header.payload_nbytes

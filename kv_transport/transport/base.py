@@ -2,7 +2,7 @@
 
 A transport moves one transfer (a wire header plus payload buffers) from the worker that
 published it to the worker that pulls it. Publications are single-use and expire: the
-prefill side learns, through `on_done`, when it may free the request's KV blocks.
+prefill side learns, through `on_done`, when it may free the request's KV blocks, and why.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def receive_buffers(header: TransferHeader, into: Destination | None) -> list[me
     return views
 
 
+# How a publication ended: pulled by its puller, failed while being sent, never pulled before
+# its TTL, released by a puller that no longer needs it, or dropped at shutdown.
+PULLED, SEND_FAILED, EXPIRED, RELEASED, SHUTDOWN = "pulled", "send_failed", "expired", "released", "shutdown"
+
+
 class TransferError(RuntimeError):
     def __init__(self, message: str, code: str = "error"):
         super().__init__(message)
@@ -48,8 +53,8 @@ class Publication:
     # Builds the header and buffers when the transfer is pulled, so encoding can wait
     # until the puller (and so the link) is known.
     materialize: Materialize
-    # Called once: (transfer_id, delivered). delivered=False on TTL expiry or shutdown.
-    on_done: Callable[[str, bool], None]
+    # Called once: (transfer_id, outcome), outcome one of OUTCOMES.
+    on_done: Callable[[str, str], None]
     ttl_s: float = 60.0
     created_at: float = field(default_factory=time.monotonic)
 
@@ -87,15 +92,8 @@ class PublicationStore:
                 self._cond.wait(remaining)
             return self._items.pop(transfer_id)
 
-    def finish(self, publication: Publication, delivered: bool) -> None:
-        _notify(publication, delivered)
-
-    def withdraw(self, transfer_id: str) -> bool:
-        with self._cond:
-            publication = self._items.pop(transfer_id, None)
-        if publication is not None:
-            _notify(publication, False)
-        return publication is not None
+    def finish(self, publication: Publication, outcome: str) -> None:
+        _notify(publication, outcome)
 
     def __len__(self) -> int:
         with self._cond:
@@ -113,7 +111,7 @@ class PublicationStore:
                     del self._items[publication.transfer_id]
             for publication in expired:
                 log.warning("KV transfer %s expired unpulled after %.0fs", publication.transfer_id, publication.ttl_s)
-                _notify(publication, False)
+                _notify(publication, EXPIRED)
 
     def close(self) -> None:
         with self._cond:
@@ -122,12 +120,12 @@ class PublicationStore:
             self._items.clear()
             self._cond.notify_all()
         for publication in leftovers:
-            _notify(publication, False)
+            _notify(publication, SHUTDOWN)
 
 
-def _notify(publication: Publication, delivered: bool) -> None:
+def _notify(publication: Publication, outcome: str) -> None:
     try:
-        publication.on_done(publication.transfer_id, delivered)
+        publication.on_done(publication.transfer_id, outcome)
     except Exception:  # noqa: BLE001 - a callback must not kill a transport thread
         log.exception("on_done callback failed for %s", publication.transfer_id)
 
@@ -180,6 +178,10 @@ class Transport(ABC):
         into: Destination | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
         """Pull one transfer; returns its header and the views the payload landed in."""
+
+    @abstractmethod
+    def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:
+        """Tell the publisher a transfer will never be pulled, so it frees it now."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from kv_transport.transport.base import (
+    PULLED,
+    SEND_FAILED,
     Destination,
     Publication,
     RateLimiter,
@@ -91,7 +93,7 @@ class NixlTransport(TcpTransport):
     # ---- publisher -------------------------------------------------------------------
 
     def _serve_describe(self, sock: socket.socket, publication: Publication, request: dict[str, Any]) -> bool:
-        delivered = False
+        outcome = SEND_FAILED
         registered = None
         try:
             header, buffers = publication.materialize()
@@ -107,8 +109,9 @@ class NixlTransport(TcpTransport):
             ).encode()
             sock.sendall(struct.pack("<4sI", _DESC_MAGIC, len(body)) + body)
             timeout_s = min(float(request.get("timeout_s", 30.0)), 300.0)
-            delivered = not regions or self._await_notif(_notif_for(publication.transfer_id), timeout_s)
-            if not delivered:
+            if not regions or self._await_notif(_notif_for(publication.transfer_id), timeout_s):
+                outcome = PULLED
+            else:
                 log.warning("nixl transport: %s was never read", publication.transfer_id)
             return True
         except OSError:
@@ -120,7 +123,7 @@ class NixlTransport(TcpTransport):
         finally:
             if registered is not None:
                 self.agent.deregister_memory(registered)
-            self.store.finish(publication, delivered)
+            self.store.finish(publication, outcome)
 
     def _await_notif(self, message: bytes, timeout_s: float) -> bool:
         # Polling the agent drives UCX progress for the reader's RMA, so it doubles as the

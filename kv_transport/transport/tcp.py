@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kv_transport.transport.base import (
+    PULLED,
+    RELEASED,
+    SEND_FAILED,
     Destination,
     Publication,
     PublicationStore,
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _REQ_MAGIC = b"TKVQ"
 _ERR_MAGIC = b"TKVE"
+_ACK_MAGIC = b"TKVA"
 _SMALL = struct.Struct("<4sI")
 _MAX_REQUEST = 64 << 10
 _SOCK_BUF = 8 << 20
@@ -126,11 +130,11 @@ class _Handler(socketserver.BaseRequestHandler):
 
 def serve_pull(sock: socket.socket, publication: Publication, store: PublicationStore) -> bool:
     """Send one publication's frame on ``sock``; False if the connection is unusable."""
-    delivered = False
+    outcome = SEND_FAILED
     try:
         header, buffers = publication.materialize()
         _send_buffers(sock, [header.encode(), *buffers])
-        delivered = True
+        outcome = PULLED
         return True
     except OSError:
         raise
@@ -139,7 +143,7 @@ def serve_pull(sock: socket.socket, publication: Publication, store: Publication
         sock.sendall(_error_frame(str(exc), "publish_failed"))
         return True
     finally:
-        store.finish(publication, delivered)
+        store.finish(publication, outcome)
 
 
 def _error_frame(message: str, code: str) -> bytes:
@@ -165,7 +169,10 @@ class TcpTransport(Transport):
         self.store = PublicationStore()
         self._server = _Server((host, port), _Handler)
         self._server.store = self.store
-        self._server.ops = {"pull": lambda sock, pub, _req: serve_pull(sock, pub, self.store)}
+        self._server.ops = {
+            "pull": lambda sock, pub, _req: serve_pull(sock, pub, self.store),
+            "release": self._serve_release,
+        }
         self.host = advertise_host or host
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tandem-kv-tcp", daemon=True)
@@ -198,6 +205,19 @@ class TcpTransport(Transport):
 
         return self.request(address, {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s},
                             receive, timeout_s + wait_s)
+
+    def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:
+        """Tell the publisher its transfer will never be pulled, so it frees it now."""
+
+        def receive(sock: socket.socket, prefix: bytes) -> None:
+            _recv_bytes(sock, struct.unpack("<I", prefix[4:])[0])
+
+        self.request(address, {"op": "release", "transfer_id": transfer_id}, receive, timeout_s)
+
+    def _serve_release(self, sock: socket.socket, publication: Publication, _request: dict[str, Any]) -> bool:
+        self.store.finish(publication, RELEASED)
+        sock.sendall(_small_frame(_ACK_MAGIC, {"released": publication.transfer_id}))
+        return True
 
     def request(
         self,

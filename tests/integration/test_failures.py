@@ -175,3 +175,14 @@ def test_transfer_telemetry_reaches_redis_and_prometheus(cluster, http, referenc
         time.sleep(1)
     assert 'tandem:kv_transfer_bytes_total{' in text and 'role="decode"' in text
     assert "tandem:engine_kv_cache_usage{" in text
+
+
+def test_transfer_not_needed_is_released_at_once(cluster, reference_text):
+    params = _prefill(cluster)
+    # A decode request that loads nothing from the prefill worker (here: the transfer claims
+    # no tokens) tells the publisher to free the blocks now rather than at the TTL.
+    params["tandem"]["num_tokens"] = 0
+    text, before, after = _decode_with(cluster, params)
+    assert text == reference_text
+    assert after["kv_transfers"] == before["kv_transfers"]  # nothing was pulled
+    assert _all_blocks_free(cluster, "PrefillWorker", timeout_s=TTL_S / 2)

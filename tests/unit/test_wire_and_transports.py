@@ -120,7 +120,7 @@ def test_round_trip_multi_buffer_payloads(transports, sizes):
     verify(header, views)
     assert [len(v) for v in views] == sizes
     assert bytes(views[-1][:256]) == buffers[-1][:256]
-    assert _eventually(lambda: done == [("big", True)])
+    assert _eventually(lambda: done == [("big", "pulled")])
 
 
 def test_transfers_are_single_use_and_unknown_ids_fail_cleanly(transports):
@@ -143,10 +143,19 @@ def test_pull_waits_for_a_late_publication(transports):
     assert header.payload_nbytes == len(received[0]) == 100
 
 
+def test_release_frees_a_publication_early(transports):
+    server, client = transports
+    done = _publish(server, "unwanted", [b"x" * 10], ttl_s=60)
+    client.release(server.address, "unwanted")
+    assert _eventually(lambda: done == [("unwanted", "released")])
+    with pytest.raises(TransferError):
+        client.release(server.address, "unwanted", timeout_s=1)  # single use
+
+
 def test_ttl_expiry_reports_undelivered(transports):
     server, _ = transports
     done = _publish(server, "never", [b"x"], ttl_s=0.2)
-    assert _eventually(lambda: done == [("never", False)])
+    assert _eventually(lambda: done == [("never", "expired")])
     assert len(server.store) == 0
 
 
