@@ -151,7 +151,7 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     tps_ax.bar([i - 0.2 for i in x], [row["decode_tok_s_alone"] for row in rows], width=0.4, label="alone")
     tps_ax.bar([i + 0.2 for i in x], [row["decode_tok_s_with_transfers"] for row in rows], width=0.4,
                label="4 KV transfers in flight")
-    tps_ax.set_xticks(list(x), names)
+    tps_ax.set_xticks(list(x), names, rotation=20, ha="right")
     tps_ax.set_ylabel("decode tokens/s (median)")
     tps_ax.set_title("Decode speed of one stream")
     tps_ax.legend()
