@@ -68,7 +68,7 @@ class ConnectorSettings(_Strict):
     # ExampleConnector, ...).
     name: str = "TandemConnector"
     # Tandem's connector only: how KV moves between workers,
-    transport: Literal["tcp", "nixl"] = "tcp"
+    transport: Literal["tcp", "nixl", "nccl", "gloo"] = "tcp"
     # how long a prefill worker holds an unpulled request's KV before freeing it,
     ttl_s: float = Field(60.0, gt=0)
     # how long a decode worker waits for one pull before recomputing the prompt,

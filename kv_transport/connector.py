@@ -509,4 +509,8 @@ def _make_transport(cfg: ConnectorConfig) -> Transport:
         from kv_transport.transport.nixl import NixlTransport
 
         return NixlTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host)
-    raise ValueError(f"unknown KV transport {cfg.transport!r} (available: tcp, nixl)")
+    if cfg.transport in ("nccl", "gloo"):
+        from kv_transport.transport.collective import CollectiveTransport
+
+        return CollectiveTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host, backend=cfg.transport)
+    raise ValueError(f"unknown KV transport {cfg.transport!r} (available: tcp, nixl, nccl, gloo)")

@@ -110,7 +110,12 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             try:
                 request = json.loads(_recv_bytes(sock, length))
-                op = self.server.ops[str(request.get("op", "pull"))]
+                name = str(request.get("op", "pull"))
+                if name in self.server.link_ops:
+                    if not self.server.link_ops[name](sock, request):
+                        return
+                    continue
+                op = self.server.ops[name]
                 transfer_id = str(request["transfer_id"])
                 wait_s = min(float(request.get("wait_s", 0.0)), 60.0)
             except (ValueError, KeyError, TypeError, ConnectionError):
@@ -123,8 +128,8 @@ class _Handler(socketserver.BaseRequestHandler):
             try:
                 if not op(sock, publication, request):
                     return
-            except OSError as exc:
-                log.warning("tcp transport: serving %s failed: %s", transfer_id, exc)
+            except Exception as exc:  # noqa: BLE001 - one bad transfer must not kill the listener
+                log.warning("tcp transport: serving %s failed: %r", transfer_id, exc)
                 return
 
 
@@ -146,6 +151,10 @@ def serve_pull(sock: socket.socket, publication: Publication, store: Publication
         store.finish(publication, outcome)
 
 
+def ack_frame(payload: dict[str, Any]) -> bytes:
+    return _small_frame(_ACK_MAGIC, payload)
+
+
 def _error_frame(message: str, code: str) -> bytes:
     return _small_frame(_ERR_MAGIC, {"error": message, "code": code})
 
@@ -160,6 +169,8 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     store: PublicationStore
     ops: dict[str, Operation]
+    # Operations about the link itself, not a publication: (sock, request) -> keep going.
+    link_ops: dict[str, Callable[[socket.socket, dict[str, Any]], bool]]
 
 
 class TcpTransport(Transport):
@@ -173,6 +184,7 @@ class TcpTransport(Transport):
             "pull": lambda sock, pub, _req: serve_pull(sock, pub, self.store),
             "release": self._serve_release,
         }
+        self._server.link_ops = {}
         self.host = advertise_host or host
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tandem-kv-tcp", daemon=True)
@@ -216,7 +228,7 @@ class TcpTransport(Transport):
 
     def _serve_release(self, sock: socket.socket, publication: Publication, _request: dict[str, Any]) -> bool:
         self.store.finish(publication, RELEASED)
-        sock.sendall(_small_frame(_ACK_MAGIC, {"released": publication.transfer_id}))
+        sock.sendall(ack_frame({"released": publication.transfer_id}))
         return True
 
     def request(

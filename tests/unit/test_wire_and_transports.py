@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kv_transport.transport.base import Publication, RateLimiter, TransferError
+from kv_transport.transport.collective import CollectiveTransport
 from kv_transport.transport.nixl import NixlTransport
 from kv_transport.transport.tcp import TcpTransport
 from kv_transport.wire import (
@@ -92,10 +93,17 @@ def _eventually(predicate, timeout_s: float = 5.0) -> bool:
     return True
 
 
-@pytest.fixture(params=["tcp", "nixl"])
+def _transport(kind: str):
+    if kind == "tcp":
+        return TcpTransport()
+    if kind == "nixl":
+        return NixlTransport()
+    return CollectiveTransport(backend="gloo", timeout_s=20)
+
+
+@pytest.fixture(params=["tcp", "nixl", "gloo"])
 def transports(request):
-    cls = TcpTransport if request.param == "tcp" else NixlTransport
-    server, client = cls(), cls()
+    server, client = _transport(request.param), _transport(request.param)
     yield server, client
     server.close()
     client.close()

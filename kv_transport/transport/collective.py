@@ -1,0 +1,186 @@
+"""The `nccl` transport (and its CPU twin `gloo`): KV over torch.distributed point-to-point
+send/recv on a two-rank process group per link.
+
+The tcp side channel carries the requests, the wire header and the rendezvous: on a link's
+first pull the puller hosts a TCPStore and asks the publisher to join a two-rank group;
+the group is reused for every later transfer on that link. The payload goes through the
+group: NCCL between GPUs, gloo on CPU.
+
+What is tested where: `gloo` runs in the unit tests on CPU, through the same code path as
+`nccl`. `nccl` itself needs two GPUs (NCCL refuses two ranks on one device) and is not
+exercised by the test suite. GPU caches are staged through host memory by the connector
+today, so NCCL currently moves a device copy of host bytes; device-side buffers are next.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+import struct
+import threading
+import uuid
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kv_transport.transport.base import (
+    PULLED,
+    SEND_FAILED,
+    Destination,
+    Publication,
+    RateLimiter,
+    TransferError,
+    receive_buffers,
+)
+from kv_transport.transport.tcp import TcpTransport, _recv_bytes, ack_frame
+from kv_transport.wire import TransferHeader
+
+log = logging.getLogger(__name__)
+
+_PUBLISHER, _PULLER = 0, 1
+
+
+class CollectiveTransport(TcpTransport):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        backend: str = "gloo",
+        timeout_s: float = 60.0,
+    ):
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"unknown collective backend {backend!r}")
+        super().__init__(host, port, advertise_host)
+        self.name = backend
+        self.backend = backend
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._timeout = datetime.timedelta(seconds=timeout_s)
+        self._lock = threading.Lock()
+        self._groups: dict[str, Any] = {}  # group id -> process group (both sides)
+        self._links: dict[tuple[str, int], tuple[str, threading.Lock]] = {}  # puller side
+        self._stores: list[Any] = []  # stores this side hosts, kept alive with their groups
+        self._server.ops["collective_pull"] = self._serve_pull
+        self._server.link_ops["collective_join"] = self._serve_join
+
+    def _make_group(self, group_id: str, store: Any, rank: int) -> Any:
+        prefixed = dist.PrefixStore(group_id, store)
+        if self.backend == "nccl":
+            group = dist.ProcessGroupNCCL(prefixed, rank, 2)
+        else:
+            group = dist.ProcessGroupGloo(prefixed, rank, 2, self._timeout)
+        with self._lock:
+            self._groups[group_id] = group
+        return group
+
+    # ---- publisher -------------------------------------------------------------------
+
+    def _serve_join(self, sock: socket.socket, request: dict[str, Any]) -> bool:
+        group_id = str(request["group"])
+        host, port = str(request["store"][0]), int(request["store"][1])
+        store = dist.TCPStore(host, port, 2, False, timeout=self._timeout)
+        self._make_group(group_id, store, _PUBLISHER)  # blocks until the puller joins too
+        sock.sendall(ack_frame({"joined": group_id}))
+        return True
+
+    def _serve_pull(self, sock: socket.socket, publication: Publication, request: dict[str, Any]) -> bool:
+        outcome = SEND_FAILED
+        try:
+            with self._lock:
+                group = self._groups.get(str(request.get("group")))
+            header, buffers = publication.materialize()
+            sock.sendall(header.encode())
+            if group is None:
+                return False  # the puller sees the connection drop and fails the pull
+            if header.payload_nbytes:
+                payload = torch.cat([torch.frombuffer(b, dtype=torch.uint8) for b in buffers if len(b)])
+                try:
+                    group.send([payload.to(self.device)], _PULLER, 0).wait()
+                except RuntimeError:
+                    with self._lock:  # the puller is gone: it re-joins on its next pull
+                        self._groups.pop(str(request.get("group")), None)
+                    raise
+            outcome = PULLED
+            return True
+        finally:
+            self.store.finish(publication, outcome)
+
+    # ---- puller ----------------------------------------------------------------------
+
+    def _link(self, address: dict[str, Any], timeout_s: float) -> tuple[str, threading.Lock]:
+        peer = (str(address["host"]), int(address["port"]))
+        with self._lock:
+            if peer in self._links:
+                return self._links[peer]
+        group_id = uuid.uuid4().hex
+        store = dist.TCPStore(self.host, 0, 2, True, timeout=self._timeout, wait_for_workers=False)
+        joined: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                joined["group"] = self._make_group(group_id, store, _PULLER)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                joined["error"] = exc
+
+        joiner = threading.Thread(target=join, daemon=True)
+        joiner.start()
+
+        def receive(sock: socket.socket, prefix: bytes) -> None:
+            _recv_bytes(sock, struct.unpack("<I", prefix[4:])[0])
+
+        self.request(address, {"op": "collective_join", "group": group_id, "store": [self.host, store.port]},
+                     receive, timeout_s)
+        joiner.join(timeout_s)
+        if "group" not in joined:
+            raise TransferError(f"no {self.name} group with {peer}: {joined.get('error')}", code="rendezvous")
+        with self._lock:
+            self._stores.append(store)
+            self._links[peer] = (group_id, threading.Lock())
+            return self._links[peer]
+
+    def fetch(
+        self,
+        address: dict[str, Any],
+        transfer_id: str,
+        timeout_s: float = 30.0,
+        wait_s: float = 5.0,
+        limiter: RateLimiter | None = None,
+        into: Destination | None = None,
+    ) -> tuple[TransferHeader, list[memoryview]]:
+        group_id, link_lock = self._link(address, timeout_s)
+        group = self._groups[group_id]
+
+        def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
+            header = TransferHeader.decode(_recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
+            views = receive_buffers(header, into)
+            if header.payload_nbytes:
+                staging = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=self.device)
+                group.recv([staging], _PUBLISHER, 0).wait()
+                host = staging.cpu() if staging.is_cuda else staging
+                offset = 0
+                for view in views:
+                    view[:] = memoryview(host[offset : offset + len(view)].numpy()).cast("B")
+                    offset += len(view)
+            if limiter is not None:
+                limiter.consume(header.payload_nbytes)
+            return header, views
+
+        request = {"op": "collective_pull", "transfer_id": transfer_id, "wait_s": wait_s, "group": group_id}
+        # One transfer at a time per link: sends and receives pair up in order.
+        with link_lock:
+            try:
+                return self.request(address, request, receive, timeout_s + wait_s)
+            except TransferError as exc:
+                if exc.code == "connection":  # the peer is gone: re-join next time
+                    self._forget(address, group_id)
+                raise
+            except RuntimeError as exc:  # the process group broke: re-join next time
+                self._forget(address, group_id)
+                raise TransferError(f"{self.name} transfer {transfer_id} failed: {exc}", code=self.name) from exc
+
+    def _forget(self, address: dict[str, Any], group_id: str) -> None:
+        with self._lock:
+            self._links.pop((str(address["host"]), int(address["port"])), None)
+            self._groups.pop(group_id, None)
