@@ -1,7 +1,7 @@
 """Raw goodput of Tandem's KV transports against the local ceiling, in one run.
 
 For payloads of 1-256 MiB, a publisher process serves the bytes and this process pulls
-them: through the `tcp` transport, the `nixl` transport, and a plain loopback socket that
+them: through the `tcp`, `nixl` and `gloo` transports, and a plain loopback socket that
 only copies the same bytes (the ceiling: no framing, no protocol). Each point is the median
 of several pulls. Writes bench/results/transport_goodput.{json,csv,png}.
 
@@ -25,6 +25,27 @@ MIB = 1 << 20
 console = Console()
 
 
+def _tune(sock: socket.socket) -> None:
+    # The ceiling gets the same socket tuning as the tcp transport.
+    from kv_transport.transport.tcp import _tune as tune
+
+    tune(sock)
+
+
+def _transport(kind: str) -> Any:
+    if kind == "tcp":
+        from kv_transport.transport.tcp import TcpTransport
+
+        return TcpTransport()
+    if kind == "nixl":
+        from kv_transport.transport.nixl import NixlTransport
+
+        return NixlTransport()
+    from kv_transport.transport.collective import CollectiveTransport
+
+    return CollectiveTransport(backend=kind)
+
+
 def _publisher(kind: str, max_bytes: int, conn: Any) -> None:
     """Child process: owns the payload and serves it until told to stop."""
     payload = memoryview(bytes(range(256)) * (max_bytes // 256))
@@ -32,7 +53,7 @@ def _publisher(kind: str, max_bytes: int, conn: Any) -> None:
         listener = socket.create_server(("127.0.0.1", 0))
         conn.send({"host": "127.0.0.1", "port": listener.getsockname()[1]})
         client, _ = listener.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune(client)
         while True:
             request = client.recv(16)
             if not request:
@@ -41,11 +62,7 @@ def _publisher(kind: str, max_bytes: int, conn: Any) -> None:
     from kv_transport.transport.base import Publication
     from kv_transport.wire import BufferInfo, TransferHeader
 
-    if kind == "tcp":
-        from kv_transport.transport.tcp import TcpTransport as cls
-    else:
-        from kv_transport.transport.nixl import NixlTransport as cls
-    transport = cls()
+    transport = _transport(kind)
     conn.send(transport.address)
     while True:
         command = conn.recv()
@@ -69,7 +86,7 @@ def _measure(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]
     try:
         if kind == "socket":
             sock = socket.create_connection((address["host"], address["port"]))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(sock)
             for size in sizes:
                 buffer = bytearray(size)
                 for _ in range(repeats + 1):  # +1 warm-up
@@ -82,10 +99,7 @@ def _measure(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]
                 timings[size].pop(0)
             sock.close()
             return timings
-        from kv_transport.transport.nixl import NixlTransport
-        from kv_transport.transport.tcp import TcpTransport
-
-        client = TcpTransport() if kind == "tcp" else NixlTransport()
+        client = _transport(kind)
         for size in sizes:
             # Like the ceiling, pull into a buffer allocated once (as the connector pulls
             # straight into KV blocks that already exist).
@@ -109,17 +123,17 @@ def _measure(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]
 
 
 def main(
-    repeats: int = typer.Option(7, help="Pulls per point (median reported)."),
+    repeats: int = typer.Option(9, help="Pulls per point (median reported)."),
     sizes_mib: list[int] = typer.Option([1, 4, 16, 64, 256], help="Payload sizes in MiB."),
 ) -> None:
     sizes = [s * MIB for s in sizes_mib]
-    kinds = ["socket", "tcp", "nixl"]
+    kinds = ["socket", "tcp", "nixl", "gloo"]
     results = {kind: _measure(kind, sizes, repeats) for kind in track(kinds, description="transports")}
     rows = []
     for size in sizes:
         ceiling = size / median(results["socket"][size])
         row: dict[str, Any] = {"size_mib": size // MIB, "socket_ceiling_gb_s": ceiling / 1e9}
-        for kind in ("tcp", "nixl"):
+        for kind in ("tcp", "nixl", "gloo"):
             goodput = size / median(results[kind][size])
             row[f"{kind}_gb_s"] = goodput / 1e9
             row[f"{kind}_vs_ceiling"] = goodput / ceiling
@@ -137,7 +151,7 @@ def _plot(rows: list[dict[str, Any]]) -> None:
 
     sizes = [r["size_mib"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("socket_ceiling_gb_s", "loopback socket (ceiling)"), ("tcp_gb_s", "tcp transport"), ("nixl_gb_s", "nixl transport")):
+    for key, label in (("socket_ceiling_gb_s", "loopback socket (ceiling)"), ("tcp_gb_s", "tcp transport"), ("nixl_gb_s", "nixl transport"), ("gloo_gb_s", "gloo transport (nccl's CPU twin)")):
         ax.plot(sizes, [r[key] for r in rows], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("payload (MiB)")
