@@ -5,7 +5,7 @@ them: through the `tcp`, `nixl` and `gloo` transports, and a plain loopback sock
 only copies the same bytes (the ceiling: no framing, no protocol). Each point is the median
 of several pulls. Writes bench/results/transport_goodput.{json,csv,png}.
 
-    python -m bench.transport_goodput [--repeats 7] [--sizes-mib 1 4 16 64 256]
+    python -m bench.transport_goodput [--repeats 15] [--sizes-mib 1 4 16 64 256]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _measure(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]
 
 
 def main(
-    repeats: int = typer.Option(9, help="Pulls per point (median reported)."),
+    repeats: int = typer.Option(15, help="Pulls per point (median reported)."),
     sizes_mib: list[int] = typer.Option([1, 4, 16, 64, 256], help="Payload sizes in MiB."),
 ) -> None:
     sizes = [s * MIB for s in sizes_mib]
