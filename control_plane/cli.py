@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -107,9 +108,11 @@ def up(
         "colocated": {"replicas": colocated} if colocated is not None else None,
         "model": {"path": model} if model is not None else None,
     }
-    settings = load_settings(config, **overrides)
-    if mode is not None and mode not in ("disaggregated", "colocated"):
-        raise typer.BadParameter("mode must be disaggregated or colocated")
+    try:
+        settings = load_settings(config, **overrides)
+    except (ValidationError, FileNotFoundError) as exc:
+        console.print(f"[red]invalid settings[/]: {exc}")
+        raise typer.Exit(2) from None
 
     console.print(f"[bold]model[/]: {model_prep.prepare_model(settings.model.path)}")
     state: dict[str, Any] = {"app_name": settings.app_name, "url": settings.url}
