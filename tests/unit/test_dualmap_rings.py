@@ -1,0 +1,64 @@
+"""DualMap's rings: remapping bounds and independence of the two hash functions."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from routing.dualmap import DualRing, HashRing, prefix_key
+
+
+def _keys(n: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    return [prefix_key([rng.randrange(50_000) for _ in range(64)]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("n", [8, 32])
+def test_adding_an_instance_moves_about_one_nth_of_keys(n):
+    keys = _keys(20_000)
+    ring = HashRing([f"i{k}" for k in range(n)])
+    before = [ring.lookup(k) for k in keys]
+    ring.add("new")
+    after = [ring.lookup(k) for k in keys]
+    moved = [b for b, a in zip(before, after, strict=True) if a != b]
+    # Only keys that now belong to the new instance move, and about 1/(n+1) of them.
+    assert all(a == "new" for b, a in zip(before, after, strict=True) if a != b)
+    assert 0.5 / (n + 1) < len(moved) / len(keys) < 1.6 / (n + 1)
+    ring.remove("new")
+    assert [ring.lookup(k) for k in keys] == before  # removal restores the old mapping
+
+
+def test_load_is_balanced_by_virtual_nodes():
+    keys = _keys(40_000)
+    ring = HashRing([f"i{k}" for k in range(16)])
+    counts: dict[str, int] = {}
+    for key in keys:
+        owner = ring.lookup(key)
+        counts[owner] = counts.get(owner, 0) + 1
+    mean = len(keys) / 16
+    assert max(counts.values()) < 1.4 * mean and min(counts.values()) > 0.6 * mean
+
+
+def test_the_two_rings_are_independent():
+    keys = _keys(20_000)
+    dual = DualRing([f"i{k}" for k in range(16)])
+    pairs = [dual.candidates(k) for k in keys]
+    same = sum(a == b for a, b in pairs) / len(pairs)
+    assert abs(same - 1 / 16) < 0.03  # as if the second choice were independent
+    # Knowing the primary says nothing about the secondary.
+    primary_i0 = [b for a, b in pairs if a == "i0"]
+    assert len(set(primary_i0)) == 16
+
+
+def test_shared_prefixes_share_candidates():
+    dual = DualRing([f"i{k}" for k in range(8)])
+    system = list(range(300))
+    a = prefix_key(system + [1, 2, 3])
+    b = prefix_key(system + [9, 9, 9, 9])
+    assert dual.candidates(a) == dual.candidates(b)
+
+
+def test_empty_ring_raises():
+    with pytest.raises(LookupError):
+        HashRing().lookup(b"x")
