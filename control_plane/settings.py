@@ -39,6 +39,16 @@ class ModelSettings(_Strict):
     path: str | None = None
     served_name: str = DEFAULT_SERVED_NAME
     max_model_len: int = Field(2048, ge=16)
+    # Sampling defaults for requests that don't set them (vLLM's override_generation_config).
+    # None: the model's own generation_config.json, except for the bundled SmolLM2, which
+    # defaults to greedy: at its usual temperatures its first token for simple questions is
+    # a near coin flip, and the embedded default should answer the same way every time.
+    sampling_defaults: dict[str, Any] | None = None
+
+    def effective_sampling_defaults(self) -> dict[str, Any]:
+        if self.sampling_defaults is not None:
+            return dict(self.sampling_defaults)
+        return {"temperature": 0.0} if self.path is None else {}
 
 
 class WorkerSettings(_Strict):

@@ -116,3 +116,15 @@ def test_prometheus_metrics_count_requests(http, openai_client):
     assert 'tandem:requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "tandem:e2e_request_latency_seconds_bucket" in text
     assert "tandem:prefill_step_seconds_count" in text
+
+
+def test_bundled_model_answers_the_readme_example_deterministically(openai_client):
+    # The README's curl example sets no sampling: the bundled model answers greedily.
+    replies = [
+        openai_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}]
+        ).choices[0].message.content
+        for _ in range(2)
+    ]
+    assert replies[0] == replies[1]
+    assert "Paris" in replies[0]

@@ -60,3 +60,11 @@ def test_round_trip_for_ray_actors_and_yaml():
     again = settings_from_dict(settings.model_dump(mode="json"))
     assert again == settings
     assert "replicas: 2" in dump_yaml(settings)
+
+
+def test_sampling_defaults_greedy_only_for_the_bundled_model():
+    assert load_settings().model.effective_sampling_defaults() == {"temperature": 0.0}
+    own = load_settings(None, model={"path": "org/model"})
+    assert own.model.effective_sampling_defaults() == {}
+    chosen = load_settings(None, model={"sampling_defaults": {"temperature": 0.7}})
+    assert chosen.model.effective_sampling_defaults() == {"temperature": 0.7}
