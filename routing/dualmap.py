@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import xxhash
 
@@ -95,3 +96,80 @@ class DualRing:
     def candidates(self, key: bytes) -> tuple[str, str]:
         """(primary, secondary); equal when both rings agree or only one instance exists."""
         return self.rings[0].lookup(key), self.rings[1].lookup(key)
+
+
+@dataclass
+class InstanceLoad:
+    """What the router knows of one instance right now (its own in-flight accounting plus
+    the latest routing stats the replica broadcast)."""
+
+    queued_prefill_tokens: int = 0  # uncached prompt tokens routed there and not yet prefilled
+    running: int = 0
+    healthy: bool = True
+
+
+class TTFTPredictor:
+    """Predicted TTFT = fixed cost + (queued uncached tokens + this request's uncached
+    tokens) / prefill throughput, per instance. Throughput starts from a prior and is
+    calibrated online from observed TTFTs (EWMA of observed/predicted)."""
+
+    def __init__(self, prior_tokens_per_s: float = 2000.0, fixed_s: float = 0.02, alpha: float = 0.2):
+        self.prior = prior_tokens_per_s
+        self.fixed_s = fixed_s
+        self.alpha = alpha
+        self._scale: dict[str, float] = {}
+
+    def predict(self, instance: str, load: InstanceLoad, new_uncached_tokens: int) -> float:
+        work = max(0, load.queued_prefill_tokens) + max(0, new_uncached_tokens)
+        return (self.fixed_s + work / self.prior) * self._scale.get(instance, 1.0)
+
+    def observe(self, instance: str, predicted_s: float, observed_s: float) -> None:
+        if predicted_s <= 0 or observed_s <= 0:
+            return
+        ratio = (observed_s / predicted_s) * self._scale.get(instance, 1.0)
+        old = self._scale.get(instance, 1.0)
+        self._scale[instance] = (1 - self.alpha) * old + self.alpha * ratio
+
+
+@dataclass
+class Decision:
+    instance: str
+    reason: str  # "affinity" | "second_choice" | "fallback"
+    predicted_ttft_s: float
+
+
+def choose(
+    candidates: tuple[str, str],
+    loads: dict[str, InstanceLoad],
+    prompt_tokens: int,
+    cached_fraction: dict[str, float],
+    slo_ttft_s: float,
+    predictor: TTFTPredictor,
+) -> Decision:
+    """Pick an instance for one request.
+
+    Prefer the candidate most likely to hold the prefix (highest expected cache hit); keep
+    it if its predicted TTFT meets the SLO. Otherwise take the other candidate if that one
+    meets it, else fall back to the instance with the lowest predicted TTFT in the whole
+    pool. The check is per request against the preferred instance, never a fleet-wide
+    imbalance gate.
+    """
+
+    def predicted(instance: str) -> float:
+        hit = cached_fraction.get(instance, 0.0)
+        uncached = int(prompt_tokens * (1.0 - hit))
+        return predictor.predict(instance, loads.get(instance, InstanceLoad()), uncached)
+
+    healthy = [i for i, load in loads.items() if load.healthy]
+    if not healthy:
+        raise LookupError("no healthy instance in the pool")
+    live = [c for c in dict.fromkeys(candidates) if c in healthy]
+    # Most likely to hold the prefix first; a stable sort keeps ring order on ties.
+    ranked = sorted(live, key=lambda i: -cached_fraction.get(i, 0.0))
+    # ranked may hold one candidate (both rings agree, or one is down): strict=False.
+    for reason, instance in zip(("affinity", "second_choice"), ranked, strict=False):
+        ttft = predicted(instance)
+        if ttft <= slo_ttft_s:
+            return Decision(instance, reason, ttft)
+    best = min(healthy, key=predicted)
+    return Decision(best, "fallback", predicted(best))

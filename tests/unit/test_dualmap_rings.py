@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from routing.dualmap import DualRing, HashRing, prefix_key
+from routing.dualmap import DualRing, HashRing, InstanceLoad, TTFTPredictor, choose, prefix_key
 
 
 def _keys(n: int, seed: int = 1) -> list[bytes]:
@@ -62,3 +62,52 @@ def test_shared_prefixes_share_candidates():
 def test_empty_ring_raises():
     with pytest.raises(LookupError):
         HashRing().lookup(b"x")
+
+
+# ---- the choice between candidates ------------------------------------------------------
+
+
+
+PRED = TTFTPredictor(prior_tokens_per_s=1000.0, fixed_s=0.0)
+
+
+def _loads(**queued: int) -> dict[str, InstanceLoad]:
+    return {name: InstanceLoad(queued_prefill_tokens=q) for name, q in queued.items()}
+
+
+def test_affinity_wins_while_the_slo_holds():
+    loads = _loads(a=500, b=0, c=0)
+    decision = choose(("a", "b"), loads, 1000, {"a": 0.9}, slo_ttft_s=1.0, predictor=PRED)
+    # a: 500 queued + 100 uncached = 0.6 s <= 1 s, and a holds the prefix.
+    assert (decision.instance, decision.reason) == ("a", "affinity")
+
+
+def test_second_candidate_when_the_preferred_one_would_break_the_slo():
+    loads = _loads(a=5000, b=100, c=0)
+    decision = choose(("a", "b"), loads, 1000, {"a": 0.9}, slo_ttft_s=1.5, predictor=PRED)
+    assert (decision.instance, decision.reason) == ("b", "second_choice")
+
+
+def test_fallback_to_the_least_loaded_instance_when_both_candidates_are_hot():
+    loads = _loads(a=5000, b=5000, c=10, d=800)
+    decision = choose(("a", "b"), loads, 1000, {}, slo_ttft_s=1.5, predictor=PRED)
+    assert (decision.instance, decision.reason) == ("c", "fallback")
+
+
+def test_dead_candidates_are_skipped():
+    loads = _loads(a=0, b=0, c=0)
+    loads["a"].healthy = False
+    decision = choose(("a", "b"), loads, 100, {"a": 1.0}, slo_ttft_s=1.0, predictor=PRED)
+    assert decision.instance == "b"
+    with pytest.raises(LookupError):
+        choose(("a", "b"), {"a": InstanceLoad(healthy=False)}, 1, {}, 1.0, PRED)
+
+
+def test_predictor_calibrates_to_observed_ttft():
+    predictor = TTFTPredictor(prior_tokens_per_s=1000.0, fixed_s=0.0, alpha=0.5)
+    load = InstanceLoad(queued_prefill_tokens=0)
+    for _ in range(20):  # the instance is really twice as slow as the prior says
+        predicted = predictor.predict("x", load, 1000)
+        predictor.observe("x", predicted, 2.0)
+    assert abs(predictor.predict("x", load, 1000) - 2.0) < 0.05
+    assert predictor.predict("y", load, 1000) == 1.0  # other instances keep the prior
