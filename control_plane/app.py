@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from control_plane.redis_server import embedded_url
 from control_plane.settings import Role, TandemSettings, load_settings
 from routing.ingress import Ingress
+from routing.serve_router import DualMapRequestRouter
 from workers.deployments import WORKER_DEPLOYMENTS
 
 
@@ -32,6 +34,12 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
 
     def pool(role: Role) -> Application:
         worker = settings.worker(role)
+        options: dict[str, Any] = {}
+        if role == "prefill" and settings.routing.prefill_router == "dualmap":
+            options["request_router_config"] = RequestRouterConfig(
+                request_router_class=DualMapRequestRouter,
+                request_router_kwargs={"slo_ttft_s": settings.routing.slo_ttft_s},
+            )
         return (
             WORKER_DEPLOYMENTS[role]
             .options(
@@ -39,6 +47,7 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
                 max_ongoing_requests=worker.max_ongoing_requests,
                 ray_actor_options={"num_cpus": worker.num_cpus, "num_gpus": worker.num_gpus},
                 graceful_shutdown_timeout_s=30,
+                **options,
             )
             .bind(data)
         )

@@ -100,6 +100,11 @@ class RoutingSettings(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     # If the prefill step or the KV handoff fails, decode recomputes the prompt itself.
     recompute_on_prefill_failure: bool = True
+    # How the ingress picks a prefill replica: "dualmap" (cache affinity on two hash rings
+    # with an SLO-aware fallback to load) or "power_of_two" (Ray Serve's default).
+    prefill_router: Literal["dualmap", "power_of_two"] = "dualmap"
+    # The TTFT the router tries to keep each request under before giving up affinity.
+    slo_ttft_s: float = Field(2.0, gt=0)
 
 
 class TandemSettings(BaseSettings):

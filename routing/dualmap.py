@@ -29,6 +29,12 @@ def prefix_key(tokens: Sequence[int], block_tokens: int = 256) -> bytes:
     return b"".join(int(t).to_bytes(4, "little", signed=False) for t in head)
 
 
+def text_prefix_key(text: str, chars: int = 1024) -> bytes:
+    """Key of a prompt known only as text (before tokenization): its first ``chars``
+    characters, about 256 tokens of English."""
+    return text[:chars].encode("utf-8", "surrogatepass")
+
+
 class HashRing:
     """Consistent hashing with virtual nodes: adding or removing one of N instances moves
     about 1/N of the keys."""
