@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,6 +39,16 @@ RECOMPUTES = Counter(
     "tandem:prefill_recomputes",
     "Requests whose prefill step failed and whose decode worker recomputed the prompt.",
     ["reason"],
+)
+ROUTER_DECISIONS = Counter(
+    "tandem:router_decisions",
+    "Routing decisions by pool and reason (affinity, second_choice, fallback, only_replica).",
+    ["pool", "reason"],
+)
+ROUTER_QUEUED_TOKENS = Gauge(
+    "tandem:router_queued_prefill_tokens",
+    "Uncached prompt tokens the router has sent to a replica and not seen complete.",
+    ["pool", "replica"],
 )
 CLIENT_DISCONNECTS = Counter(
     "tandem:client_disconnects",

@@ -17,6 +17,7 @@ from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import FIFOMixin, RequestRouter
 
+from routing import metrics
 from routing.dualmap import DualRing, InstanceLoad, TTFTPredictor, choose, text_prefix_key
 
 log = logging.getLogger("ray.serve")
@@ -95,6 +96,7 @@ class DualMapRequestRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         by_id = self._sync_ring(candidate_replicas)
         if len(by_id) <= 1:
+            metrics.ROUTER_DECISIONS.labels("prefill", "only_replica").inc()
             return [list(by_id.values())]
         shared, whole = request_text(pending_request)
         key = text_prefix_key(shared, self._prefix_chars)
@@ -112,6 +114,7 @@ class DualMapRequestRouter(FIFOMixin, RequestRouter):
         recent = self._recent.get(key)
         cached = {recent: 1.0} if recent in by_id else {}
         decision = choose(self._ring.candidates(key), loads, tokens, cached, self._slo, self._predictor)
+        metrics.ROUTER_DECISIONS.labels("prefill", decision.reason).inc()
         chosen = by_id[decision.instance]
         if pending_request is not None:
             self._decisions[pending_request.metadata.internal_request_id] = (decision.instance, key, tokens)
@@ -124,6 +127,7 @@ class DualMapRequestRouter(FIFOMixin, RequestRouter):
         decision = self._decisions.pop(request_id, None)
         tokens = decision[2] if decision else 0
         self._queued[rid] = self._queued.get(rid, 0) + tokens
+        metrics.ROUTER_QUEUED_TOKENS.labels("prefill", rid).set(self._queued[rid])
         self._by_request[request_id] = (rid, tokens)
         if decision:
             self._recent[decision[1]] = rid
@@ -134,7 +138,9 @@ class DualMapRequestRouter(FIFOMixin, RequestRouter):
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         rid, tokens = self._by_request.pop(internal_request_id, (replica_id.unique_id, 0))
         self._queued[rid] = max(0, self._queued.get(rid, 0) - tokens)
+        metrics.ROUTER_QUEUED_TOKENS.labels("prefill", rid).set(self._queued[rid])
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)
         self._queued.pop(replica_id.unique_id, None)
+        metrics.ROUTER_QUEUED_TOKENS.remove("prefill", replica_id.unique_id)

@@ -116,6 +116,7 @@ def test_prometheus_metrics_count_requests(http, openai_client):
     assert 'tandem:requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "tandem:e2e_request_latency_seconds_bucket" in text
     assert "tandem:prefill_step_seconds_count" in text
+    assert 'tandem:router_decisions_total{pool="prefill",reason="only_replica"}' in text
 
 
 def test_bundled_model_answers_the_readme_example_deterministically(openai_client):

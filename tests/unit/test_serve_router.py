@@ -87,3 +87,18 @@ async def test_request_text_shared_prefix():
     completion = PendingRequest(args=["completions", {"prompt": "x" * 1000}], kwargs={},
                                 metadata=RequestMetadata(request_id="c", internal_request_id="c"))
     assert request_text(completion) == ("x" * 256, "x" * 1000)
+
+
+async def test_decisions_are_counted():
+    from routing import metrics
+
+    def count(reason: str) -> float:
+        return metrics.REGISTRY.get_sample_value(
+            "tandem:router_decisions_total", {"pool": "prefill", "reason": reason}
+        ) or 0.0
+
+    router = _router()
+    before = count("affinity"), count("only_replica")
+    await _route(router, [_replica(f"r{i}") for i in range(3)], _request("s", "q", "m0"))
+    await _route(router, [_replica("r0")], _request("s", "q", "m1"))
+    assert (count("affinity"), count("only_replica")) == (before[0] + 1, before[1] + 1)
