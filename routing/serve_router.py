@@ -78,8 +78,9 @@ class DualMapRequestRouter(FIFOMixin, RequestRouter):
         # prefix key -> replica that last prefilled it (its prefix cache likely holds it)
         self._recent: OrderedDict[bytes, str] = OrderedDict()
         self._memory = affinity_memory
-        # request id -> (replica, prefix key, tokens) of the latest choice for it
-        self._decisions: dict[str, tuple[str, bytes, int]] = {}
+        # request id -> (replica, prefix key, tokens) of the latest choice for it; bounded,
+        # since a request cancelled while waiting at the router is never routed.
+        self._decisions: OrderedDict[str, tuple[str, bytes, int]] = OrderedDict()
 
     def _sync_ring(self, replicas: list[RunningReplica]) -> dict[str, RunningReplica]:
         by_id = {r.replica_id.unique_id: r for r in replicas}
@@ -118,6 +119,8 @@ class DualMapRequestRouter(FIFOMixin, RequestRouter):
         chosen = by_id[decision.instance]
         if pending_request is not None:
             self._decisions[pending_request.metadata.internal_request_id] = (decision.instance, key, tokens)
+            while len(self._decisions) > self._memory:
+                self._decisions.popitem(last=False)
         rest = [r for rid, r in by_id.items() if rid != decision.instance]
         return [[chosen], rest]
 
