@@ -42,7 +42,7 @@ def _ray_cli() -> list[str]:
     return [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def _local_ray_running() -> bool:
+def local_ray_running() -> bool:
     result = subprocess.run(
         [*_ray_cli(), "status"], capture_output=True, text=True, timeout=60, check=False
     )
@@ -126,7 +126,7 @@ def up(
 
     address = settings.ray_address or os.environ.get("RAY_ADDRESS")
     if address is None:
-        if not _local_ray_running():
+        if not local_ray_running():
             _start_local_ray(settings, dashboard)
             state["started_ray"] = True
         address = "auto"
@@ -170,7 +170,7 @@ def down() -> None:
     """Stop the Serve app, and the Ray and Redis that `tandem up` started."""
     state = _read_state()
     address = state.get("ray_address") or os.environ.get("RAY_ADDRESS") or "auto"
-    if state.get("started_ray") or address != "auto" or _local_ray_running():
+    if state.get("started_ray") or address != "auto" or local_ray_running():
         try:
             _connect_ray(address)
             from ray import serve

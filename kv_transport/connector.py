@@ -38,7 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 
-from kv_transport.layout import KVLayout
+from kv_transport.layout import KVLayout, bytes_view
 from kv_transport.telemetry import TransferRecord, make_sinks
 from kv_transport.transport.base import EXPIRED, Publication, RateLimiter, TransferError, Transport
 from kv_transport.wire import (
@@ -350,7 +350,7 @@ class _WorkerSide:
             if layout.device.type == "cpu":
                 per_layer = layout.block_views(send.block_ids)
             else:
-                per_layer = [[_as_bytes(t)] for t in layout.gather_blocks(send.block_ids)]
+                per_layer = [[bytes_view(t)] for t in layout.gather_blocks(send.block_ids)]
             flat = [view for views in per_layer for view in views]
             header = TransferHeader(
                 transfer_id=send.transfer_id,
@@ -494,10 +494,6 @@ class _WorkerSide:
         self.transport.close()
         for sink in self.sinks:
             sink.close()
-
-
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
 def _make_transport(cfg: ConnectorConfig) -> Transport:

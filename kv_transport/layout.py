@@ -56,7 +56,7 @@ class KVLayout:
         if self.device.type != "cpu":
             raise RuntimeError("zero-copy views need a CPU cache; use gather_blocks on GPU")
         return [
-            [_bytes_view(part[block]) for part in layer.parts for block in block_ids]
+            [bytes_view(part[block]) for part in layer.parts for block in block_ids]
             for layer in self.layers
         ]
 
@@ -99,5 +99,6 @@ def _split_parts(name: str, tensor: torch.Tensor, num_blocks: int) -> tuple[torc
     return parts
 
 
-def _bytes_view(block: torch.Tensor) -> memoryview:
+def bytes_view(block: torch.Tensor) -> memoryview:
+    """Zero-copy bytes of a contiguous CPU tensor."""
     return memoryview(block.view(torch.uint8).numpy()).cast("B")

@@ -60,13 +60,6 @@ def tandem(*args: str, timeout: float = 300, env: dict | None = None) -> subproc
     )
 
 
-def _local_ray_running() -> bool:
-    result = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "status"], capture_output=True, check=False
-    )
-    return result.returncode == 0
-
-
 @pytest.fixture(scope="session")
 def cluster_env() -> dict:
     return {**os.environ, "TANDEM_PORT": str(TEST_PORT), "TANDEM_KV_CONNECTOR__TTL_S": str(TTL_S)}
@@ -74,7 +67,9 @@ def cluster_env() -> dict:
 
 @pytest.fixture(scope="session")
 def cluster(cluster_env: dict):
-    if _local_ray_running():
+    from control_plane.cli import local_ray_running
+
+    if local_ray_running():
         pytest.fail("a local Ray cluster is already running: stop it (`tandem down`) before the tests")
     started = subprocess.run(
         ["make", "run"], cwd=ROOT, env=cluster_env, capture_output=True, text=True, timeout=1500

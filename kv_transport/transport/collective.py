@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
-import struct
 import threading
 import uuid
 from typing import Any
@@ -34,7 +33,7 @@ from kv_transport.transport.base import (
     TransferError,
     receive_buffers,
 )
-from kv_transport.transport.tcp import TcpTransport, _recv_bytes, ack_frame
+from kv_transport.transport.tcp import TcpTransport, ack_frame, read_small_frame, recv_bytes
 from kv_transport.wire import TransferHeader
 
 log = logging.getLogger(__name__)
@@ -127,11 +126,8 @@ class CollectiveTransport(TcpTransport):
         joiner = threading.Thread(target=join, daemon=True)
         joiner.start()
 
-        def receive(sock: socket.socket, prefix: bytes) -> None:
-            _recv_bytes(sock, struct.unpack("<I", prefix[4:])[0])
-
         self.request(address, {"op": "collective_join", "group": group_id, "store": [self.host, store.port]},
-                     receive, timeout_s)
+                     read_small_frame, timeout_s)
         joiner.join(timeout_s)
         if "group" not in joined:
             raise TransferError(f"no {self.name} group with {peer}: {joined.get('error')}", code="rendezvous")
@@ -153,7 +149,7 @@ class CollectiveTransport(TcpTransport):
         group = self._groups[group_id]
 
         def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
-            header = TransferHeader.decode(_recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
+            header = TransferHeader.decode(recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
             views = receive_buffers(header, into)
             if header.payload_nbytes:
                 staging = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=self.device)

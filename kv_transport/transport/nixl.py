@@ -37,7 +37,7 @@ from kv_transport.transport.base import (
     TransferError,
     receive_buffers,
 )
-from kv_transport.transport.tcp import TcpTransport, _error_frame, _recv_bytes
+from kv_transport.transport.tcp import TcpTransport, error_frame, recv_bytes
 from kv_transport.wire import TransferHeader
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class NixlTransport(TcpTransport):
             raise
         except Exception as exc:  # noqa: BLE001 - report the failure to the puller
             log.exception("nixl transport: preparing %s failed", publication.transfer_id)
-            sock.sendall(_error_frame(str(exc), "publish_failed"))
+            sock.sendall(error_frame(str(exc), "publish_failed"))
             return True
         finally:
             if registered is not None:
@@ -154,7 +154,7 @@ class NixlTransport(TcpTransport):
             magic, length = struct.unpack("<4sI", prefix)
             if magic != _DESC_MAGIC:
                 raise TransferError(f"unexpected reply {magic!r} to a nixl describe", code="protocol")
-            return json.loads(_recv_bytes(sock, length))
+            return json.loads(recv_bytes(sock, length))
 
         request = {"op": "nixl_describe", "transfer_id": transfer_id, "wait_s": wait_s, "timeout_s": timeout_s}
         described = self.request(address, request, receive, timeout_s + wait_s)

@@ -64,7 +64,7 @@ def _recv_exact(sock: socket.socket, view: memoryview, limiter: RateLimiter | No
         view = view[got:]
 
 
-def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+def recv_bytes(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     _recv_exact(sock, memoryview(buf))
     return bytes(buf)
@@ -109,7 +109,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 log.warning("tcp transport: rejected a malformed request from %s", self.client_address)
                 return
             try:
-                request = json.loads(_recv_bytes(sock, length))
+                request = json.loads(recv_bytes(sock, length))
                 name = str(request.get("op", "pull"))
                 if name in self.server.link_ops:
                     if not self.server.link_ops[name](sock, request):
@@ -123,7 +123,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             publication = self.server.store.take(transfer_id, wait_s)
             if publication is None:
-                sock.sendall(_error_frame("unknown or expired transfer", "unknown_transfer"))
+                sock.sendall(error_frame("unknown or expired transfer", "unknown_transfer"))
                 continue
             try:
                 if not op(sock, publication, request):
@@ -145,17 +145,25 @@ def serve_pull(sock: socket.socket, publication: Publication, store: Publication
         raise
     except Exception as exc:  # noqa: BLE001 - report the failure to the puller
         log.exception("tcp transport: preparing %s failed", publication.transfer_id)
-        sock.sendall(_error_frame(str(exc), "publish_failed"))
+        sock.sendall(error_frame(str(exc), "publish_failed"))
         return True
     finally:
         store.finish(publication, outcome)
+
+
+def read_small_frame(sock: socket.socket, prefix: bytes) -> dict[str, Any]:
+    """The JSON body of a small frame (ack or descriptor reply) whose prefix was read."""
+    (length,) = struct.unpack("<I", prefix[4:])
+    if length > _MAX_REQUEST:
+        raise TransferError(f"reply of {length} bytes is too large", code="protocol")
+    return json.loads(recv_bytes(sock, length))
 
 
 def ack_frame(payload: dict[str, Any]) -> bytes:
     return _small_frame(_ACK_MAGIC, payload)
 
 
-def _error_frame(message: str, code: str) -> bytes:
+def error_frame(message: str, code: str) -> bytes:
     return _small_frame(_ERR_MAGIC, {"error": message, "code": code})
 
 
@@ -209,7 +217,7 @@ class TcpTransport(Transport):
         into: Destination | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
-            header = TransferHeader.decode(_recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
+            header = TransferHeader.decode(recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
             views = receive_buffers(header, into)
             for view in views:
                 _recv_exact(sock, view, limiter)
@@ -221,10 +229,7 @@ class TcpTransport(Transport):
     def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:
         """Tell the publisher its transfer will never be pulled, so it frees it now."""
 
-        def receive(sock: socket.socket, prefix: bytes) -> None:
-            _recv_bytes(sock, struct.unpack("<I", prefix[4:])[0])
-
-        self.request(address, {"op": "release", "transfer_id": transfer_id}, receive, timeout_s)
+        self.request(address, {"op": "release", "transfer_id": transfer_id}, read_small_frame, timeout_s)
 
     def _serve_release(self, sock: socket.socket, publication: Publication, _request: dict[str, Any]) -> bool:
         self.store.finish(publication, RELEASED)
@@ -246,10 +251,10 @@ class TcpTransport(Transport):
         try:
             sock.settimeout(timeout_s)
             sock.sendall(_small_frame(_REQ_MAGIC, request))
-            prefix = _recv_bytes(sock, PREFIX_SIZE)
+            prefix = recv_bytes(sock, PREFIX_SIZE)
             if prefix[:4] == _ERR_MAGIC:
                 (length,) = struct.unpack("<I", prefix[4:])
-                error = json.loads(_recv_bytes(sock, min(length, _MAX_REQUEST)))
+                error = json.loads(recv_bytes(sock, min(length, _MAX_REQUEST)))
                 ok = True
                 raise TransferError(f"{peer}: {error.get('error')}", code=error.get("code", "error"))
             result = receive(sock, prefix)
