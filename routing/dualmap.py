@@ -110,8 +110,10 @@ class InstanceLoad:
     the latest routing stats the replica broadcast)."""
 
     queued_prefill_tokens: int = 0  # uncached prompt tokens routed there and not yet prefilled
-    running: int = 0
+    running: int = 0  # requests in flight there
     healthy: bool = True
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use (decode placement)
+    decode_tokens: int = 0  # tokens still to generate by its requests in flight
 
 
 class TTFTPredictor:
@@ -140,8 +142,11 @@ class TTFTPredictor:
 @dataclass
 class Decision:
     instance: str
-    reason: str  # "affinity" | "second_choice" | "fallback"
-    predicted_ttft_s: float
+    # dualmap: affinity | second_choice | fallback | rebalance; baselines name their own
+    reason: str
+    predicted_ttft_s: float = 0.0
+    # Prompt tokens the chosen instance is expected to compute (not found in its cache).
+    uncached_tokens: int = 0
 
 
 def choose(
@@ -151,20 +156,23 @@ def choose(
     cached_fraction: dict[str, float],
     slo_ttft_s: float,
     predictor: TTFTPredictor,
+    fallback: bool = True,
 ) -> Decision:
     """Pick an instance for one request.
 
     Prefer the candidate most likely to hold the prefix (highest expected cache hit); keep
     it if its predicted TTFT meets the SLO. Otherwise take the other candidate if that one
     meets it, else fall back to the instance with the lowest predicted TTFT in the whole
-    pool. The check is per request against the preferred instance, never a fleet-wide
+    pool (with ``fallback=False``, an ablation, the choice never leaves the two
+    candidates: the one with the lower predicted TTFT). The check is per request against the preferred instance, never a fleet-wide
     imbalance gate.
     """
 
+    def uncached(instance: str) -> int:
+        return int(prompt_tokens * (1.0 - cached_fraction.get(instance, 0.0)))
+
     def predicted(instance: str) -> float:
-        hit = cached_fraction.get(instance, 0.0)
-        uncached = int(prompt_tokens * (1.0 - hit))
-        return predictor.predict(instance, loads.get(instance, InstanceLoad()), uncached)
+        return predictor.predict(instance, loads.get(instance, InstanceLoad()), uncached(instance))
 
     healthy = [i for i, load in loads.items() if load.healthy]
     if not healthy:
@@ -176,6 +184,7 @@ def choose(
     for reason, instance in zip(("affinity", "second_choice"), ranked, strict=False):
         ttft = predicted(instance)
         if ttft <= slo_ttft_s:
-            return Decision(instance, reason, ttft)
-    best = min(healthy, key=predicted)
-    return Decision(best, "fallback", predicted(best))
+            return Decision(instance, reason, ttft, uncached(instance))
+    pool = healthy if fallback else (ranked or healthy)
+    best = min(pool, key=predicted)
+    return Decision(best, "fallback" if fallback else "second_choice", predicted(best), uncached(best))
