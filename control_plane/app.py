@@ -15,7 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from control_plane.redis_server import embedded_url
 from control_plane.settings import Role, TandemSettings, load_settings
 from routing.ingress import Ingress
-from routing.serve_router import DualMapRequestRouter
+from routing.serve_router import TandemRequestRouter
 from workers.deployments import WORKER_DEPLOYMENTS
 
 
@@ -27,6 +27,31 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return build_app_from_settings(load_settings(config, **args))
 
 
+def router_config(settings: TandemSettings, role: Role) -> RequestRouterConfig:
+    """Tandem's router for a pool; it runs in every process that calls the pool (the
+    ingress), fed by the replicas' `record_routing_stats`."""
+    routing = settings.routing
+    if role == "decode":
+        kwargs = {"pool": "decode", "policy": routing.decode_router, "policy_kwargs": routing.decode_router_options}
+    else:
+        options = dict(routing.prefill_router_options)
+        if routing.prefill_router == "dualmap":
+            options.setdefault("slo_ttft_s", routing.slo_ttft_s)
+        kwargs = {
+            "pool": role,
+            "policy": routing.prefill_router,
+            "policy_kwargs": options,
+            # A prefill call ends at the first token: its duration is the prefill TTFT.
+            "observe_ttft": role == "prefill",
+        }
+    return RequestRouterConfig(
+        request_router_class=TandemRequestRouter,
+        request_router_kwargs=kwargs,
+        # Stats feed the load view between the router's own accounting updates.
+        request_routing_stats_period_s=2,
+    )
+
+
 def build_app_from_settings(settings: TandemSettings) -> Application:
     if settings.redis_url is None:
         settings = settings.model_copy(update={"redis_url": embedded_url()})
@@ -34,12 +59,6 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
 
     def pool(role: Role) -> Application:
         worker = settings.worker(role)
-        options: dict[str, Any] = {}
-        if role == "prefill" and settings.routing.prefill_router == "dualmap":
-            options["request_router_config"] = RequestRouterConfig(
-                request_router_class=DualMapRequestRouter,
-                request_router_kwargs={"slo_ttft_s": settings.routing.slo_ttft_s},
-            )
         return (
             WORKER_DEPLOYMENTS[role]
             .options(
@@ -47,7 +66,7 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
                 max_ongoing_requests=worker.max_ongoing_requests,
                 ray_actor_options={"num_cpus": worker.num_cpus, "num_gpus": worker.num_gpus},
                 graceful_shutdown_timeout_s=30,
-                **options,
+                request_router_config=router_config(settings, role),
             )
             .bind(data)
         )

@@ -25,6 +25,8 @@ from pydantic_settings import (
 DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
 
 Mode = Literal["disaggregated", "colocated"]
+PrefillRouter = Literal["dualmap", "round_robin", "least_loaded", "power_of_two", "consistent_hash", "prefix_tree"]
+DecodeRouter = Literal["kv_pressure", "round_robin", "least_loaded", "power_of_two"]
 Role = Literal["prefill", "decode", "colocated"]
 
 
@@ -100,11 +102,30 @@ class RoutingSettings(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     # If the prefill step or the KV handoff fails, decode recomputes the prompt itself.
     recompute_on_prefill_failure: bool = True
-    # How the ingress picks a prefill replica: "dualmap" (cache affinity on two hash rings
-    # with an SLO-aware fallback to load) or "power_of_two" (Ray Serve's default).
-    prefill_router: Literal["dualmap", "power_of_two"] = "dualmap"
+    # How the ingress picks a prefill replica (a colocated one in colocated mode):
+    # "dualmap" (cache affinity on two hash rings with an SLO-aware fallback to load and
+    # hotspot rebalancing), or a baseline: "round_robin", "least_loaded", "power_of_two",
+    # "consistent_hash" (one ring), "prefix_tree" (SGLang's cache-aware router).
+    prefill_router: PrefillRouter = "dualmap"
+    # Extra arguments of the prefill router's policy (routing/policies.py), e.g. for
+    # dualmap {"hot_ratio": 2.0, "hot_min_tokens": 2048, "flip_s": 30,
+    # "prior_tokens_per_s": 2000}, for prefix_tree {"cache_threshold": 0.3}.
+    prefill_router_options: dict[str, Any] = Field(default_factory=dict)
+    # How the ingress places decode: "kv_pressure" (least KV-cache use and in-flight decode
+    # tokens, a conversation's turns stay together), or "round_robin" | "least_loaded" |
+    # "power_of_two".
+    decode_router: DecodeRouter = "kv_pressure"
+    decode_router_options: dict[str, Any] = Field(default_factory=dict)
     # The TTFT the router tries to keep each request under before giving up affinity.
     slo_ttft_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _known_router_options(self) -> RoutingSettings:
+        from routing.policies import check_policy_options
+
+        check_policy_options(self.prefill_router, self.prefill_router_options)
+        check_policy_options(self.decode_router, self.decode_router_options)
+        return self
 
 
 class TandemSettings(BaseSettings):
@@ -114,7 +135,9 @@ class TandemSettings(BaseSettings):
 
     mode: Mode = "disaggregated"
     model: ModelSettings = Field(default_factory=ModelSettings)
-    prefill: WorkerSettings = Field(default_factory=WorkerSettings)
+    # Prefill admits few requests per replica: the rest wait at the router, where a hot
+    # replica's queue can still be moved (inside the engine it cannot).
+    prefill: WorkerSettings = Field(default_factory=lambda: WorkerSettings(max_ongoing_requests=16))
     decode: WorkerSettings = Field(default_factory=WorkerSettings)
     colocated: WorkerSettings = Field(default_factory=WorkerSettings)
     kv_connector: ConnectorSettings = Field(default_factory=ConnectorSettings)

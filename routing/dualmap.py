@@ -9,7 +9,7 @@ Pure Python: no Ray, no vLLM.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -151,7 +151,7 @@ class Decision:
 
 def choose(
     candidates: tuple[str, str],
-    loads: dict[str, InstanceLoad],
+    loads: Mapping[str, InstanceLoad],
     prompt_tokens: int,
     cached_fraction: dict[str, float],
     slo_ttft_s: float,

@@ -42,12 +42,24 @@ RECOMPUTES = Counter(
 )
 ROUTER_DECISIONS = Counter(
     "tandem:router_decisions",
-    "Routing decisions by pool and reason (affinity, second_choice, fallback, only_replica).",
+    "Routing decisions by pool and reason: dualmap's affinity (a cache-affinity hit), "
+    "second_choice, fallback (SLO-aware, to the pool's best) and rebalance; the baselines' "
+    "own reasons; decode placement's session and least_pressure.",
     ["pool", "reason"],
+)
+ROUTER_REBALANCES = Counter(
+    "tandem:router_rebalances",
+    "Requests waiting at the router for a hot replica that were moved to a cooler one.",
+    ["pool"],
 )
 ROUTER_QUEUED_TOKENS = Gauge(
     "tandem:router_queued_prefill_tokens",
     "Uncached prompt tokens the router has sent to a replica and not seen complete.",
+    ["pool", "replica"],
+)
+ROUTER_IN_FLIGHT = Gauge(
+    "tandem:router_in_flight_requests",
+    "Requests the router has sent to a replica and not seen complete.",
     ["pool", "replica"],
 )
 CLIENT_DISCONNECTS = Counter(

@@ -9,6 +9,7 @@ recent prefixes, prefix trees, sessions). Pure Python: no Ray, no vLLM.
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from collections import OrderedDict
@@ -18,7 +19,15 @@ from typing import Any, ClassVar
 
 import xxhash
 
-from routing.dualmap import DEFAULT_VNODES, Decision, DualRing, HashRing, InstanceLoad, TTFTPredictor, choose
+from routing.dualmap import (
+    DEFAULT_VNODES,
+    Decision,
+    DualRing,
+    HashRing,
+    InstanceLoad,
+    TTFTPredictor,
+    choose,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,8 @@ class RoutingPolicy:
     """One pool's routing policy. ``loads`` lists every known instance of the pool."""
 
     name: ClassVar[str] = ""
+    # Whether requests must carry `blocks` (chunk hashes cost a few µs per request).
+    uses_blocks: ClassVar[bool] = False
 
     def route(self, request: RouteRequest, loads: Mapping[str, InstanceLoad]) -> Decision:
         raise NotImplementedError
@@ -180,6 +191,7 @@ class PrefixTreePolicy(RoutingPolicy):
     else to the instance with the smallest tree (most free cache)."""
 
     name = "prefix_tree"
+    uses_blocks = True
 
     def __init__(
         self,
@@ -283,6 +295,8 @@ class DualMapPolicy(RoutingPolicy):
         return self._rings.ring  # type: ignore[return-value]
 
     def candidates(self, key: bytes, loads: Mapping[str, InstanceLoad]) -> tuple[str, str]:
+        """The key's two candidates, a recent rebalance target first."""
+        self._rings.sync(loads)
         primary, secondary = self.ring.candidates(key)
         flipped = self._flipped.get(key)
         if flipped is not None:
@@ -294,13 +308,12 @@ class DualMapPolicy(RoutingPolicy):
         return primary, secondary
 
     def route(self, request: RouteRequest, loads: Mapping[str, InstanceLoad]) -> Decision:
-        self._rings.sync(loads)
         key = request.prefix_key
         recent = self._recent.get(key)
         cached = {recent: request.cacheable_fraction} if recent in loads else {}
         return choose(
             self.candidates(key, loads),
-            dict(loads),
+            loads,
             request.prompt_tokens,
             cached,
             self.slo_ttft_s,
@@ -416,6 +429,23 @@ POLICIES: dict[str, type[RoutingPolicy]] = {
         KVPressurePolicy,
     )
 }
+
+
+def check_policy_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ValueError for an unknown policy or an option its constructor does not take
+    (a typo in a config file must fail loudly)."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(POLICIES)}")
+    accepted = {
+        p.name
+        for p in inspect.signature(POLICIES[name].__init__).parameters.values()
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+    } - {"self", "clock"}
+    unknown = set(options) - accepted
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for routing policy {name!r}; it takes {sorted(accepted)}"
+        )
 
 
 def make_policy(name: str, **kwargs: Any) -> RoutingPolicy:

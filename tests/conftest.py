@@ -18,8 +18,10 @@ BIN = Path(sys.executable).parent
 TEST_PORT = int(os.environ.get("TANDEM_TEST_PORT", "8123"))
 MODEL = "smollm2-135m-instruct"
 REFERENCE_APP = "reference"
-# A second disaggregated app whose workers move KV over NIXL instead of tcp.
+# A second disaggregated app whose workers move KV over NIXL instead of tcp, with two
+# prefill replicas so that routing between replicas is exercised end to end.
 NIXL_APP = "nixl"
+NIXL_PREFILL_REPLICAS = 2
 # A short KV hold time, so the tests can watch unpulled transfers expire.
 TTL_S = 10
 
@@ -46,6 +48,17 @@ class Cluster:
 
     def worker_stats(self, deployment: str, app_name: str | None = None) -> dict:
         return self.handle(deployment, app_name).record_routing_stats.remote().result()
+
+    def replica_stats(self, role: str, app_name: str) -> dict[str, dict]:
+        """Latest heartbeat stats of every live replica of a role, by replica id."""
+        from control_plane.redis_server import embedded_url
+        from control_plane.state import list_workers
+
+        return {
+            entry["replica_id"]: entry["stats"]
+            for entry in list_workers(embedded_url(), app_name)
+            if entry.get("role") == role
+        }
 
 
 def tandem(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -102,7 +115,7 @@ def cluster(cluster_env: dict):
         route_prefix=f"/{NIXL_APP}",
         port=TEST_PORT,
         redis_url=embedded_url(),
-        prefill={"replicas": 1, "cpu_threads": 1},
+        prefill={"replicas": NIXL_PREFILL_REPLICAS, "cpu_threads": 1},
         decode={"replicas": 1, "cpu_threads": 1},
         kv_connector={"transport": "nixl", "ttl_s": TTL_S},
     )

@@ -116,7 +116,10 @@ def test_prometheus_metrics_count_requests(http, openai_client):
     assert 'tandem:requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "tandem:e2e_request_latency_seconds_bucket" in text
     assert "tandem:prefill_step_seconds_count" in text
-    assert 'tandem:router_decisions_total{pool="prefill",reason="only_replica"}' in text
+    # One prefill replica: DualMap's first candidate is it (an affinity decision).
+    assert 'tandem:router_decisions_total{pool="prefill",reason="affinity"}' in text
+    assert 'tandem:router_decisions_total{pool="decode",reason="least_pressure"}' in text
+    assert 'tandem:router_in_flight_requests{pool="decode"' in text
 
 
 def test_bundled_model_answers_the_readme_example_deterministically(openai_client):

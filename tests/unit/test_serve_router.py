@@ -1,4 +1,4 @@
-"""The Serve adapter of DualMap, driven the way Ray Serve's router drives it. The adapter
+"""The Serve adapter of the routing policies, driven the way Ray Serve's router drives it. The adapter
 reads only `replica_id` and `routing_stats` of a replica; Serve's RunningReplica needs a
 live actor, so replicas here are plain records with those two fields (the integration
 suite routes real requests through the adapter)."""
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ray.serve._private.common import DeploymentID, ReplicaID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
 
-from routing.serve_router import DualMapRequestRouter, request_text
+from routing.serve_router import TandemRequestRouter, request_text, session_id
 
 
 @dataclass
@@ -29,9 +29,9 @@ def _request(system: str, user: str, request_id: str) -> PendingRequest:
     return PendingRequest(args=["chat", body], kwargs={}, metadata=metadata)
 
 
-def _router() -> DualMapRequestRouter:
-    router = DualMapRequestRouter.__new__(DualMapRequestRouter)
-    router.initialize_state(slo_ttft_s=2.0)
+def _router(policy: str = "dualmap", pool: str = "prefill", **kwargs) -> TandemRequestRouter:
+    router = TandemRequestRouter.__new__(TandemRequestRouter)
+    router.initialize_state(pool=pool, policy=policy, policy_kwargs={"slo_ttft_s": 2.0} if policy == "dualmap" else {}, **kwargs)
     return router
 
 
@@ -78,7 +78,7 @@ async def test_pool_changes_are_picked_up():
     await _route(router, replicas, _request("s", "q", "x0"))
     fewer = replicas[:2]
     assert await _route(router, fewer, _request("s", "q", "x1")) in {"r0", "r1"}
-    assert router._ring.instances == {"r0", "r1"}
+    assert router.policy.ring.instances == {"r0", "r1"}
 
 
 async def test_request_text_shared_prefix():
@@ -98,7 +98,75 @@ async def test_decisions_are_counted():
         ) or 0.0
 
     router = _router()
-    before = count("affinity"), count("only_replica")
+    before = count("affinity")
     await _route(router, [_replica(f"r{i}") for i in range(3)], _request("s", "q", "m0"))
-    await _route(router, [_replica("r0")], _request("s", "q", "m1"))
-    assert (count("affinity"), count("only_replica")) == (before[0] + 1, before[1] + 1)
+    await _route(router, [_replica(f"r{i}") for i in range(3)], _request("s", "q2", "m1"))
+    assert count("affinity") == before + 2
+
+
+async def test_a_full_replica_sheds_its_waiting_requests_on_retry():
+    """Requests waiting here for a hot replica (Serve retries them while it is full) are
+    moved to a cool one and counted as rebalances."""
+    from routing import metrics
+
+    router = _router()
+    router.policy.hot_min_tokens = 100
+    replicas = [_replica(f"r{i}") for i in range(3)]
+    first = _request("hot system prompt " * 40, "q", "h0")
+    hot = await _route(router, replicas, first)
+    # Many more requests of the hot prefix arrive; none is accepted yet (replica full).
+    waiting = [_request("hot system prompt " * 40, f"q{i}", f"h{i}") for i in range(1, 8)]
+    for request in waiting:
+        ranks = await router.choose_replicas(replicas, request)
+        assert ranks == [[next(r for r in replicas if r.replica_id.unique_id == hot)]]
+    before = metrics.REGISTRY.get_sample_value("tandem:router_rebalances_total", {"pool": "prefill"}) or 0.0
+    # Serve retries the newest one: the hot replica's queue sheds onto the others.
+    ranks = await router.choose_replicas(replicas, waiting[-1])
+    assert ranks[0][0].replica_id.unique_id != hot
+    moved = metrics.REGISTRY.get_sample_value("tandem:router_rebalances_total", {"pool": "prefill"}) - before
+    assert 1 <= moved < len(waiting)
+
+
+async def test_in_flight_accounting_and_ttft_feedback():
+    router = _router(observe_ttft=True)
+    replicas = [_replica(f"r{i}") for i in range(2)]
+    request = _request("sys " * 100, "question", "t0")
+    chosen = await _route(router, replicas, request)
+    assert router._running[chosen] == 1 and router._queued_tokens[chosen] > 0
+    router.on_request_completed(replicas[0].replica_id, "t0")
+    assert router._running[chosen] == 0 and router._queued_tokens[chosen] == 0
+    # The observed duration calibrated the predictor (well under the prior's prediction).
+    assert router.policy.predictor._scale[chosen] < 1.0
+
+
+async def test_non_generate_calls_go_anywhere():
+    router = _router()
+    replicas = [_replica(f"r{i}") for i in range(2)]
+    health = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id="h", internal_request_id="h"))
+    assert await router.choose_replicas(replicas, health) == [replicas]
+
+
+async def test_decode_placement_keeps_a_conversation_on_its_replica():
+    router = _router(policy="kv_pressure", pool="decode")
+    replicas = [_replica(f"d{i}", {"kv_cache_usage": 0.1 * i}) for i in range(3)]
+    turn = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]}
+    def pending(i: int) -> PendingRequest:
+        return PendingRequest(args=["chat", turn], kwargs={}, metadata=RequestMetadata(request_id=f"c{i}", internal_request_id=f"c{i}"))
+    first = await _route(router, replicas, pending(0))
+    assert first == "d0"  # least KV pressure
+    # d0 is now a little busier than d1, but within the slack: the conversation stays.
+    busier = [_replica("d0", {"kv_cache_usage": 0.2}), _replica("d1", {"kv_cache_usage": 0.1}), replicas[2]]
+    assert await _route(router, busier, pending(1)) == "d0"
+    # Far busier: it moves.
+    full = [_replica("d0", {"kv_cache_usage": 0.95}), _replica("d1", {"kv_cache_usage": 0.1}), replicas[2]]
+    assert await _route(router, full, pending(2)) == "d1"
+
+
+def test_session_identity():
+    opening = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    turn2 = {"messages": [*opening, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}
+    turn3 = {"messages": [*turn2["messages"], {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}]}
+    assert session_id(turn2) == session_id(turn3) is not None
+    assert session_id({"messages": opening}) is None  # a single turn has no session yet
+    assert session_id({"messages": opening, "user": "alice"}) == "user:alice"
