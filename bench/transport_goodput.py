@@ -72,7 +72,7 @@ def _publisher(kind: str, max_bytes: int, conn: Any) -> None:
         transfer_id, nbytes = command
         view = payload[:nbytes]
         header = TransferHeader(transfer_id, "bench", "uint8", 1, nbytes, 1, [BufferInfo("payload", nbytes, nbytes)])
-        transport.publish(Publication(transfer_id, lambda h=header, v=view: (h, [v]), lambda *_: None))
+        transport.publish(Publication(transfer_id, lambda _skip=0, h=header, v=view: (h, [v]), lambda *_: None))
         conn.send("published")
 
 

@@ -346,11 +346,15 @@ class _WorkerSide:
         assert self.layout is not None
         layout = self.layout
 
-        def materialize() -> tuple[TransferHeader, list[memoryview]]:
+        def materialize(skip_blocks: int = 0) -> tuple[TransferHeader, list[memoryview]]:
+            if skip_blocks > len(send.block_ids):
+                raise ValueError(f"puller skips {skip_blocks} of {len(send.block_ids)} blocks")
+            # The puller already holds the leading blocks (a local prefix hit): send the rest.
+            block_ids = send.block_ids[skip_blocks:]
             if layout.device.type == "cpu":
-                per_layer = layout.block_views(send.block_ids)
+                per_layer = layout.block_views(block_ids)
             else:
-                per_layer = [[bytes_view(t)] for t in layout.gather_blocks(send.block_ids)]
+                per_layer = [[bytes_view(t)] for t in layout.gather_blocks(block_ids)]
             flat = [view for views in per_layer for view in views]
             header = TransferHeader(
                 transfer_id=send.transfer_id,
@@ -358,9 +362,10 @@ class _WorkerSide:
                 dtype=layout.dtype,
                 block_size=layout.block_size,
                 num_tokens=send.num_tokens,
-                num_blocks=len(send.block_ids),
+                num_blocks=len(block_ids),
+                first_block=skip_blocks,
                 buffers=[
-                    BufferInfo(layer.name, nbytes, nbytes, [len(send.block_ids)])
+                    BufferInfo(layer.name, nbytes, nbytes, [len(block_ids)])
                     for layer, nbytes in zip(
                         layout.layers, (sum(len(v) for v in views) for views in per_layer), strict=True
                     )
@@ -437,7 +442,7 @@ class _WorkerSide:
             # this pull reports success, so a payload that fails verification is harmless.
             if (
                 layout.device.type == "cpu"
-                and recv.first_block == 0
+                and header.first_block == recv.first_block
                 and header.num_blocks == len(recv.block_ids)
                 and header.fingerprint == layout.fingerprint
                 and header.codec.id == "identity"
@@ -450,7 +455,7 @@ class _WorkerSide:
         header, received = self.transport.fetch(
             transfer["address"], transfer["transfer_id"],
             timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
-            limiter=self._limiter(record.link), into=straight_into_blocks,
+            limiter=self._limiter(record.link), into=straight_into_blocks, skip_blocks=recv.first_block,
         )
         record.wire_s = time.perf_counter() - fetch_started
         record.wire_bytes = header.payload_nbytes
@@ -461,15 +466,22 @@ class _WorkerSide:
             raise WireFormatError(f"KV layout fingerprint {header.fingerprint} != local {layout.fingerprint}")
         if header.block_size != layout.block_size or header.dtype != layout.dtype:
             raise WireFormatError("block size or dtype differs from the local cache")
-        stop = recv.first_block + len(recv.block_ids)
-        if stop > header.num_blocks or header.num_blocks == 0:
-            raise WireFormatError(f"needs {stop} blocks, transfer has {header.num_blocks}")
+        # Blocks carried: [header.first_block, header.first_block + num_blocks); wanted: ours.
+        start = recv.first_block - header.first_block
+        stop = start + len(recv.block_ids)
+        if start < 0 or stop > header.num_blocks or header.num_blocks == 0:
+            raise WireFormatError(
+                f"needs blocks {recv.first_block}..{recv.first_block + len(recv.block_ids)}, transfer carries "
+                f"{header.first_block}..{header.first_block + header.num_blocks}"
+            )
+        # Bytes the local prefix hit kept off the link.
+        record.saved_bytes = header.first_block * (header.raw_nbytes // header.num_blocks)
         if not landed_in_blocks:
             # Landed in one staging buffer: copy the wanted blocks of each layer over.
             wanted = []
             for view in split_payload(header, received[0]):
                 per_block = len(view) // header.num_blocks
-                wanted.append(view[recv.first_block * per_block : stop * per_block])
+                wanted.append(view[start * per_block : stop * per_block])
             layout.scatter_blocks(recv.block_ids, wanted)
 
     def transfer_results(self) -> KVConnectorTransferResults:

@@ -28,6 +28,9 @@ class TransferRecord:
     ok: bool
     raw_bytes: int = 0  # KV bytes before the codec
     wire_bytes: int = 0  # bytes that crossed the link
+    # KV bytes not sent because the puller's own prefix cache held those blocks (e.g. the
+    # earlier turns of a conversation that stays on one decode worker).
+    saved_bytes: int = 0
     encode_s: float = 0.0
     decode_s: float = 0.0
     wire_s: float = 0.0  # fetch time: request to last payload byte

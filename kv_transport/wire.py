@@ -64,6 +64,9 @@ class TransferHeader:
     codec: CodecSpec = field(default_factory=CodecSpec)
     checksum: str = ""  # xxh64 hex digest of the payload, in buffer order
     version: int = VERSION
+    # Index of the first block carried: the puller already held the ones before it (a local
+    # prefix-cache hit), so only num_blocks blocks from here on crossed the link.
+    first_block: int = 0
 
     @property
     def payload_nbytes(self) -> int:
@@ -106,7 +109,7 @@ class TransferHeader:
     def validate(self) -> None:
         if self.version != VERSION:
             raise WireFormatError(f"unsupported wire version {self.version}")
-        for name in ("block_size", "num_tokens", "num_blocks"):
+        for name in ("block_size", "num_tokens", "num_blocks", "first_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise WireFormatError(f"{name} must be a non-negative integer, got {value!r}")

@@ -36,6 +36,11 @@ class WorkerMetrics:
             "tandem:kv_transfer_bytes", "KV bytes moved, before (raw) and after (wire) the codec.",
             [*link, "stage"], registry=self.registry,
         )
+        self.saved_bytes = Counter(
+            "tandem:kv_transfer_saved_bytes",
+            "KV bytes not transferred because this worker's prefix cache already held them.",
+            link, registry=self.registry,
+        )
         self.compression_ratio = Gauge(
             "tandem:kv_transfer_compression_ratio", "Raw/wire bytes of the latest transfer.",
             link, registry=self.registry,
@@ -61,6 +66,7 @@ class WorkerMetrics:
         self.wire_seconds.labels(**labels).observe(record["wire_s"])
         self.transfer_bytes.labels(**labels, stage="raw").inc(record["raw_bytes"])
         self.transfer_bytes.labels(**labels, stage="wire").inc(record["wire_bytes"])
+        self.saved_bytes.labels(**labels).inc(record.get("saved_bytes", 0))
         self.compression_ratio.labels(**labels).set(record["compression_ratio"])
         self.goodput.labels(**labels).set(record["goodput_bytes_per_s"])
 

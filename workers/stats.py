@@ -50,6 +50,8 @@ class EngineStats:
         self.kv_bytes_transferred = 0
         self.kv_transfer_failures = 0
         self.kv_expired_requests = 0
+        # KV bytes a pull skipped because this engine's prefix cache already held them.
+        self.kv_saved_bytes = 0
         self.updated_at = 0.0
 
     # Fed by the worker's engine wrapper ------------------------------------------------
@@ -104,9 +106,11 @@ class EngineStats:
                     self.kv_expired_requests += len(value)
                     if self.metrics is not None and value:
                         self.metrics.record_expired(len(value))
-                elif key == "records" and self.metrics is not None:
+                elif key == "records":
                     for record in value:
-                        self.metrics.record_transfer(record)
+                        self.kv_saved_bytes += int(record.get("saved_bytes", 0))
+                        if self.metrics is not None:
+                            self.metrics.record_transfer(record)
 
     def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         """A vLLM StatLoggerFactory bound to this object."""
@@ -132,6 +136,7 @@ class EngineStats:
                 "kv_bytes_transferred": self.kv_bytes_transferred,
                 "kv_transfer_failures": self.kv_transfer_failures,
                 "kv_expired_requests": self.kv_expired_requests,
+                "kv_saved_bytes": self.kv_saved_bytes,
                 "updated_at": self.updated_at,
             }
 

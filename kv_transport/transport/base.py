@@ -19,7 +19,9 @@ from kv_transport.wire import TransferHeader
 
 log = logging.getLogger(__name__)
 
-Materialize = Callable[[], tuple[TransferHeader, Sequence[memoryview]]]
+# Builds a publication's header and buffers when it is pulled, skipping the first
+# ``skip_blocks`` blocks the puller already holds.
+Materialize = Callable[[int], tuple[TransferHeader, Sequence[memoryview]]]
 # Chooses where a pulled payload lands, once its header is known: writable views whose sizes
 # add up to header.payload_nbytes (e.g. the destination KV blocks: a zero-copy receive). None
 # lets the transport allocate one buffer.
@@ -51,7 +53,7 @@ class TransferError(RuntimeError):
 class Publication:
     transfer_id: str
     # Builds the header and buffers when the transfer is pulled, so encoding can wait
-    # until the puller (and so the link) is known.
+    # until the puller (and so the link, and what it already holds) is known.
     materialize: Materialize
     # Called once: (transfer_id, outcome), outcome one of OUTCOMES.
     on_done: Callable[[str, str], None]
@@ -153,6 +155,14 @@ class RateLimiter:
             time.sleep(deficit / self.rate)
 
 
+def requested_skip(request: dict[str, Any]) -> int:
+    """The leading blocks a pull request says its puller already holds."""
+    skip = request.get("skip_blocks", 0)
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+        raise ValueError(f"skip_blocks must be a non-negative integer, got {skip!r}")
+    return skip
+
+
 class Transport(ABC):
     """Publish/fetch of a list of buffers. Pull is what the connector uses; a push mode
     would add `push(address, header, buffers)` on the same publications."""
@@ -176,8 +186,10 @@ class Transport(ABC):
         wait_s: float = 5.0,
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
+        skip_blocks: int = 0,
     ) -> tuple[TransferHeader, list[memoryview]]:
-        """Pull one transfer; returns its header and the views the payload landed in."""
+        """Pull one transfer, without its first ``skip_blocks`` blocks (the puller holds
+        them); returns its header and the views the payload landed in."""
 
     @abstractmethod
     def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:

@@ -36,6 +36,7 @@ from kv_transport.transport.base import (
     RateLimiter,
     TransferError,
     receive_buffers,
+    requested_skip,
 )
 from kv_transport.transport.tcp import TcpTransport, error_frame, recv_bytes
 from kv_transport.wire import TransferHeader
@@ -96,7 +97,7 @@ class NixlTransport(TcpTransport):
         outcome = SEND_FAILED
         registered = None
         try:
-            header, buffers = publication.materialize()
+            header, buffers = publication.materialize(requested_skip(request))
             regions = _coalesce([_address_of(b) for b in buffers])
             if regions:
                 registered = self.agent.register_memory([(a, n, 0, "") for a, n in regions], "DRAM")
@@ -149,6 +150,7 @@ class NixlTransport(TcpTransport):
         wait_s: float = 5.0,
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
+        skip_blocks: int = 0,
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> dict[str, Any]:
             magic, length = struct.unpack("<4sI", prefix)
@@ -156,7 +158,8 @@ class NixlTransport(TcpTransport):
                 raise TransferError(f"unexpected reply {magic!r} to a nixl describe", code="protocol")
             return json.loads(recv_bytes(sock, length))
 
-        request = {"op": "nixl_describe", "transfer_id": transfer_id, "wait_s": wait_s, "timeout_s": timeout_s}
+        request = {"op": "nixl_describe", "transfer_id": transfer_id, "wait_s": wait_s, "timeout_s": timeout_s,
+                   "skip_blocks": skip_blocks}
         described = self.request(address, request, receive, timeout_s + wait_s)
         frame = base64.b64decode(described["header"])
         header = TransferHeader.decode(frame[8 : 8 + TransferHeader.parse_prefix(frame[:8])])

@@ -31,6 +31,7 @@ from kv_transport.transport.base import (
     TransferError,
     Transport,
     receive_buffers,
+    requested_skip,
 )
 from kv_transport.wire import PREFIX_SIZE, TransferHeader
 
@@ -118,6 +119,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 op = self.server.ops[name]
                 transfer_id = str(request["transfer_id"])
                 wait_s = min(float(request.get("wait_s", 0.0)), 60.0)
+                requested_skip(request)  # a bad one is refused before the publication is taken
             except (ValueError, KeyError, TypeError, ConnectionError):
                 log.warning("tcp transport: unreadable request from %s", self.client_address)
                 return
@@ -133,11 +135,11 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
 
 
-def serve_pull(sock: socket.socket, publication: Publication, store: PublicationStore) -> bool:
+def serve_pull(sock: socket.socket, publication: Publication, store: PublicationStore, skip_blocks: int = 0) -> bool:
     """Send one publication's frame on ``sock``; False if the connection is unusable."""
     outcome = SEND_FAILED
     try:
-        header, buffers = publication.materialize()
+        header, buffers = publication.materialize(skip_blocks)
         _send_buffers(sock, [header.encode(), *buffers])
         outcome = PULLED
         return True
@@ -189,7 +191,7 @@ class TcpTransport(Transport):
         self._server = _Server((host, port), _Handler)
         self._server.store = self.store
         self._server.ops = {
-            "pull": lambda sock, pub, _req: serve_pull(sock, pub, self.store),
+            "pull": lambda sock, pub, req: serve_pull(sock, pub, self.store, requested_skip(req)),
             "release": self._serve_release,
         }
         self._server.link_ops = {}
@@ -215,6 +217,7 @@ class TcpTransport(Transport):
         wait_s: float = 5.0,
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
+        skip_blocks: int = 0,
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
             header = TransferHeader.decode(recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
@@ -223,8 +226,8 @@ class TcpTransport(Transport):
                 _recv_exact(sock, view, limiter)
             return header, views
 
-        return self.request(address, {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s},
-                            receive, timeout_s + wait_s)
+        request = {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s, "skip_blocks": skip_blocks}
+        return self.request(address, request, receive, timeout_s + wait_s)
 
     def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:
         """Tell the publisher its transfer will never be pulled, so it frees it now."""

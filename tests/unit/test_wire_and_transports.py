@@ -113,8 +113,44 @@ def _publish(server: TcpTransport, transfer_id: str, buffers: list[bytes], ttl_s
     done: list[tuple[str, bool]] = []
     header = _header(buffers, transfer_id)
     views = [memoryview(b) for b in buffers]
-    server.publish(Publication(transfer_id, lambda: (header, views), lambda t, ok: done.append((t, ok)), ttl_s))
+    server.publish(Publication(transfer_id, lambda _skip=0: (header, views), lambda t, ok: done.append((t, ok)), ttl_s))
     return done
+
+
+def test_a_puller_that_holds_leading_blocks_gets_only_the_rest(transports):
+    """The decode side's own prefix-cache hit stays off the link: the publisher builds the
+    frame from the requested first block on."""
+    server, client = transports
+    layers = [os.urandom(8 * 1024) for _ in range(3)]  # 3 layers x 8 blocks of 1 KiB
+    done: list = []
+
+    def materialize(skip_blocks: int = 0):
+        views = [memoryview(layer)[skip_blocks * 1024 :] for layer in layers]
+        header = _header([bytes(v) for v in views], "ranged")
+        header.num_blocks, header.first_block = 8 - skip_blocks, skip_blocks
+        return header, views
+
+    server.publish(Publication("ranged", materialize, lambda t, ok: done.append(ok)))
+    header, received = client.fetch(server.address, "ranged", skip_blocks=5)
+    assert (header.first_block, header.num_blocks, header.payload_nbytes) == (5, 3, 3 * 3 * 1024)
+    views = split_payload(header, received[0])
+    verify(header, views)
+    assert [bytes(v) for v in views] == [layer[5 * 1024 :] for layer in layers]
+    assert _eventually(lambda: done == ["pulled"])
+
+
+def test_a_bad_skip_is_refused_and_the_publication_survives():
+    server, client = TcpTransport(), TcpTransport()
+    try:
+        done = _publish(server, "kept", [b"x" * 100])
+        with pytest.raises(TransferError):
+            client.fetch(server.address, "kept", timeout_s=2, wait_s=0, skip_blocks=-1)
+        header, _ = client.fetch(server.address, "kept")  # still there for a proper pull
+        assert header.payload_nbytes == 100
+        assert _eventually(lambda: done == [("kept", "pulled")])
+    finally:
+        server.close()
+        client.close()
 
 
 @pytest.mark.parametrize("sizes", [[1], [1 << 20, 3, 0, 12345], [64 << 20, 64 << 20, 64 << 20, 64 << 20]],
