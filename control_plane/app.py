@@ -64,7 +64,11 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
             .options(
                 num_replicas=worker.replicas,
                 max_ongoing_requests=worker.max_ongoing_requests,
-                ray_actor_options={"num_cpus": worker.num_cpus, "num_gpus": worker.num_gpus},
+                ray_actor_options={
+                    "num_cpus": worker.num_cpus,
+                    "num_gpus": worker.num_gpus,
+                    **({"resources": dict(worker.ray_resources)} if worker.ray_resources else {}),
+                },
                 graceful_shutdown_timeout_s=30,
                 request_router_config=router_config(settings, role),
             )

@@ -70,7 +70,42 @@ class WorkerSettings(_Strict):
     num_gpus: float = Field(0, ge=0)
     # Logical CPUs Ray reserves per replica. Kept small: the engines bind their own cores.
     num_cpus: float = Field(0.5, ge=0)
+    # Ray custom resources each replica needs, e.g. {"tandem_prefill": 1} so that Serve
+    # places prefill replicas only on the nodes (pods) that advertise that resource.
+    ray_resources: dict[str, float] = Field(default_factory=dict)
     max_ongoing_requests: int = Field(64, ge=1)
+
+
+class CompressionSettings(_Strict):
+    """How KV is compressed on the wire (kv_transport/codecs; control_plane/controller)."""
+
+    # "off": never; "static": `profile` on every link; "adaptive": the shared controller
+    # picks a profile per link and SLO class from the transfers' telemetry.
+    mode: Literal["off", "static", "adaptive"] = "off"
+    # The static profile, and adaptive's choice until the controller has decided.
+    profile: str = "identity"
+    # The profile library (JSON written by `tandem profile`) with each profile's measured
+    # ratio, speed and quality; None: the one in Redis, else the one in the cache dir.
+    library: str | None = None
+    # SLO classes -> the quality loss (next-token KL, nats) each may give up for speed.
+    # Requests choose one with the `x-tandem-slo-class` header.
+    slo_classes: dict[str, float] = Field(
+        default_factory=lambda: {"exact": 0.0, "standard": 0.01, "relaxed": 0.05}
+    )
+    default_slo_class: str = "standard"
+    # Decisions expire from Redis after this; connectors re-read them this often.
+    decision_ttl_s: float = Field(60.0, gt=0)
+    decision_cache_s: float = Field(2.0, gt=0)
+    # Latency model: stages in sequence (False) or streamed per layer (True, max form).
+    pipelined: bool = False
+
+    @model_validator(mode="after")
+    def _default_class_exists(self) -> CompressionSettings:
+        if self.default_slo_class not in self.slo_classes:
+            raise ValueError(
+                f"default_slo_class {self.default_slo_class!r} is not one of {sorted(self.slo_classes)}"
+            )
+        return self
 
 
 class ConnectorSettings(_Strict):
@@ -95,6 +130,7 @@ class ConnectorSettings(_Strict):
     # Where the connector stages KV: "cpu" on CPU engines (and for host-staged GPU transfers).
     buffer_device: Literal["cpu", "cuda"] = "cpu"
     extra_config: dict[str, Any] = Field(default_factory=dict)
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
 
 
 class RoutingSettings(_Strict):

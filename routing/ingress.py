@@ -242,12 +242,16 @@ class Ingress:
         deadline: float,
     ) -> AsyncIterator[str]:
         status = "200"
+        first_at = last_at = time.monotonic()
+        chunks = 1
         try:
             yield first.body
             async with asyncio.timeout(max(1.0, deadline - (time.monotonic() - started))):
                 async for reply in rest:
                     if reply.kind == CHUNK:
                         yield reply.body
+                        chunks += 1
+                        last_at = time.monotonic()
                     elif reply.kind == ERROR:
                         status = str(reply.status)
                         yield _sse_error(from_engine_error(reply.body, reply.status).body())
@@ -267,3 +271,5 @@ class Ingress:
             await rest.aclose()  # type: ignore[attr-defined]
             metrics.REQUESTS.labels(path, status).inc()
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
+            if chunks > 1:
+                metrics.TPOT.labels(endpoint, self.mode).observe((last_at - first_at) / (chunks - 1))

@@ -24,6 +24,12 @@ TTFT = Histogram(
     ["endpoint", "mode"],
     buckets=_LATENCY_BUCKETS,
 )
+TPOT = Histogram(
+    "tandem:time_per_output_token_seconds",
+    "Mean time between streamed content chunks of one request (after the first).",
+    ["endpoint", "mode"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5),
+)
 E2E = Histogram(
     "tandem:e2e_request_latency_seconds",
     "Time from request arrival to the last byte of the answer.",

@@ -112,7 +112,10 @@ def test_concurrent_requests_all_answered(cluster):
 
 def test_prometheus_metrics_count_requests(http, openai_client):
     openai_client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    for _ in openai_client.completions.create(model=MODEL, prompt="Count: 1, 2,", max_tokens=4, stream=True):
+        pass
     text = http.get("/metrics").text
+    assert 'tandem:time_per_output_token_seconds_count{endpoint="completions",mode="disaggregated"}' in text
     assert 'tandem:requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "tandem:e2e_request_latency_seconds_bucket" in text
     assert "tandem:prefill_step_seconds_count" in text

@@ -1,0 +1,146 @@
+"""The shared compression controller: a Ray Serve deployment (one replica) that reads the
+connectors' transfer telemetry from the Redis stream, keeps the policy's per-link state,
+and publishes a decision per link and SLO class to Redis with a TTL. Connectors read them
+with a short local cache (`kv_transport.decisions`); if this deployment or Redis is down
+they keep their last decision and transfers go on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from control_plane.controller.library import load_costs
+from control_plane.controller.policy import CompressionController, SLOClass, TransferObservation
+from control_plane.settings import settings_from_dict
+from kv_transport.decisions import decision_key
+from kv_transport.telemetry import TELEMETRY_STREAM
+
+log = logging.getLogger("ray.serve")
+
+# Telemetry records a (re)started controller learns from before reading new ones.
+WARM_START_RECORDS = 1000
+
+
+def observation_from_fields(fields: dict[bytes | str, bytes | str]) -> TransferObservation | None:
+    """A telemetry stream entry (JSON-encoded values) as an observation; None if it is a
+    failed transfer or unreadable."""
+    try:
+        data = {
+            (k.decode() if isinstance(k, bytes) else k): json.loads(v)
+            for k, v in fields.items()
+        }
+        if not data.get("ok"):
+            return None
+        return TransferObservation(
+            link=str(data["link"]),
+            profile=str(data["codec"]),
+            raw_bytes=int(data["raw_bytes"]),
+            wire_bytes=int(data["wire_bytes"]),
+            wire_s=float(data["wire_s"]),
+            encode_s=float(data.get("encode_s", 0.0)),
+            decode_s=float(data.get("decode_s", 0.0)),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class ControllerLoop:
+    """The controller's work, separate from Serve so tests can drive it directly."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings_from_dict(settings)
+        compression = self.settings.kv_connector.compression
+        classes = {name: SLOClass(name, loss) for name, loss in compression.slo_classes.items()}
+        self.costs = load_costs(self.settings)
+        self.policy = CompressionController(self.costs, classes, pipelined=compression.pipelined)
+        # link -> EWMA of raw bytes per transfer (the size decisions are made for)
+        self.typical_bytes: dict[str, float] = {}
+        self.decisions: dict[str, dict[str, Any]] = {}
+        self.observed = 0
+        self._last_id: Any = None  # stream position; None until the first step
+
+    def observe(self, observation: TransferObservation) -> None:
+        self.policy.observe(observation)
+        old = self.typical_bytes.get(observation.link)
+        raw = float(observation.raw_bytes)
+        self.typical_bytes[observation.link] = raw if old is None else 0.8 * old + 0.2 * raw
+        self.observed += 1
+
+    def decide(self) -> dict[str, dict[str, Any]]:
+        for link, raw in self.typical_bytes.items():
+            for slo_class in self.policy.classes:
+                choice = self.policy.choose(link, slo_class, raw)
+                self.decisions[f"{link}|{slo_class}"] = {
+                    "link": link,
+                    "slo_class": slo_class,
+                    "profile": choice.profile,
+                    "predicted_s": choice.predicted_s,
+                    "bandwidth_bytes_per_s": choice.bandwidth_bytes_per_s,
+                    "typical_bytes": raw,
+                    "at": time.time(),
+                }
+        return self.decisions
+
+    async def step(self, client: Any, block_ms: int = 1000) -> int:
+        """Read new telemetry, update, publish. Returns how many records were read."""
+        if self._last_id is None:
+            # Warm start from the stream's recent history (a restarted controller).
+            recent = await client.xrevrange(TELEMETRY_STREAM, count=WARM_START_RECORDS)
+            items = list(reversed(recent))
+            self._last_id = items[-1][0] if items else "0-0"
+        else:
+            entries = await client.xread({TELEMETRY_STREAM: self._last_id}, count=1000, block=block_ms)
+            items = [item for _stream, stream_items in entries or [] for item in stream_items]
+        count = 0
+        for entry_id, fields in items:
+            self._last_id = entry_id
+            count += 1
+            observation = observation_from_fields(fields)
+            if observation is not None:
+                self.observe(observation)
+        if count or not self.decisions:
+            ttl = int(self.settings.kv_connector.compression.decision_ttl_s)
+            pipe = client.pipeline(transaction=False)
+            for decision in self.decide().values():
+                key = decision_key(self.settings.app_name, decision["link"], decision["slo_class"])
+                pipe.set(key, json.dumps(decision), ex=ttl)
+            await pipe.execute()
+        return count
+
+
+@serve.deployment(name="CompressionController", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+class CompressionControllerDeployment:
+    def __init__(self, settings: dict[str, Any]):
+        import redis.asyncio as aioredis
+
+        self.loop = ControllerLoop(settings)
+        self._client = aioredis.Redis.from_url(self.loop.settings.redis_url)
+        self._task = asyncio.create_task(self._run())
+        log.info("compression controller: %d profiles known", len(self.loop.costs))
+
+    async def _run(self) -> None:
+        import redis
+
+        while True:
+            try:
+                await self.loop.step(self._client)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("compression controller: Redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            "profiles": [c.name for c in self.loop.costs],
+            "observed": self.loop.observed,
+            "links": {link: self.loop.policy.bandwidth.bandwidth(link) for link in self.loop.typical_bytes},
+            "decisions": list(self.loop.decisions.values()),
+        }
+
+    async def check_health(self) -> None:
+        if self._task.done():
+            raise RuntimeError(f"controller loop stopped: {self._task.exception()!r}")

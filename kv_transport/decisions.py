@@ -1,0 +1,85 @@
+"""Where the controller's per-link codec decisions live in Redis, and how connectors read
+them: a short local cache in front of Redis, the last decision kept if Redis or the
+controller goes away, the safe default if nothing was ever known. No Ray here: connectors
+run inside vLLM worker processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def decision_key(app_name: str, link: str, slo_class: str) -> str:
+    return f"tandem:{app_name}:codec:{link}:{slo_class}"
+
+
+class DecisionCache:
+    """The profile to use on one link for one SLO class."""
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        app_name: str,
+        default_profile: str = "identity",
+        cache_s: float = 2.0,
+        timeout_s: float = 0.05,
+    ) -> None:
+        self.default_profile = default_profile
+        self.app_name = app_name
+        self.cache_s = cache_s
+        self._client: Any = None
+        if redis_url:
+            import redis
+
+            # A short timeout: a transfer must never wait on a slow Redis.
+            self._client = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._known: dict[tuple[str, str], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def profile(self, link: str, slo_class: str) -> str:
+        key = (link, slo_class)
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None and now - known[1] < self.cache_s:
+            return known[0]
+        fetched = self._fetch(link, slo_class)
+        if fetched is None:
+            # Redis down or no decision yet: keep the last one (refreshing its age so a
+            # dead Redis is not hit on every transfer), else the safe default.
+            profile = known[0] if known is not None else self.default_profile
+        else:
+            profile = fetched
+        with self._lock:
+            self._known[key] = (profile, now)
+        return profile
+
+    def _fetch(self, link: str, slo_class: str) -> str | None:
+        if self._client is None:
+            return None
+        import redis
+
+        try:
+            raw = self._client.get(decision_key(self.app_name, link, slo_class))
+            self._warned = False
+        except (redis.RedisError, OSError) as exc:
+            if not self._warned:
+                log.warning("codec decisions: Redis unavailable (%s); keeping the last known", exc)
+                self._warned = True
+            return None
+        if raw is None:
+            return None
+        try:
+            return str(json.loads(raw)["profile"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
