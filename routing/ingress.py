@@ -30,6 +30,8 @@ from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 
 log = logging.getLogger("ray.serve")
 
+SLO_CLASS_HEADER = "x-tandem-slo-class"
+
 app = FastAPI(title="Tandem", summary="OpenAI-compatible disaggregated prefill/decode serving")
 
 
@@ -186,13 +188,14 @@ class Ingress:
         self, endpoint: str, request: ChatCompletionRequest | CompletionRequest, http: Request
     ) -> Response:
         self._check(request)
+        slo_class = self._slo_class(http)
         started = time.monotonic()
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
         body = forwarded_body(request)
         deadline = self.settings.routing.request_timeout_s
         try:
             async with asyncio.timeout(deadline):
-                replies = await self._start(endpoint, body)
+                replies = await self._start(endpoint, body, slo_class)
                 first = await anext(replies, None)
         except TimeoutError:
             raise OpenAIError(504, f"request timed out after {deadline:.0f}s") from None
@@ -214,13 +217,27 @@ class Ingress:
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _start(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[WorkerReply]:
+    def _slo_class(self, http: Request) -> str:
+        """The request's SLO class (`x-tandem-slo-class`): how much KV-compression quality
+        it may trade for a faster handoff."""
+        compression = self.settings.kv_connector.compression
+        slo_class = http.headers.get(SLO_CLASS_HEADER) or compression.default_slo_class
+        if slo_class not in compression.slo_classes:
+            raise OpenAIError(
+                400,
+                f"unknown SLO class {slo_class!r} in {SLO_CLASS_HEADER}; "
+                f"known: {', '.join(sorted(compression.slo_classes))}",
+                param=SLO_CLASS_HEADER,
+            )
+        return slo_class
+
+    async def _start(self, endpoint: str, body: dict[str, Any], slo_class: str) -> AsyncIterator[WorkerReply]:
         if self.mode == "colocated":
             assert self.colocated is not None
             return self.colocated.stream(endpoint, body)
         assert self.prefill is not None and self.decode is not None
         prefill_started = time.monotonic()
-        prefill = await run_prefill(self.prefill, endpoint, body)
+        prefill = await run_prefill(self.prefill, endpoint, body, slo_class)
         metrics.PREFILL_SECONDS.observe(time.monotonic() - prefill_started)
         if prefill.outcome == PrefillOutcome.CLIENT_ERROR:
             assert prefill.error is not None

@@ -48,9 +48,17 @@ class PrefillResult:
     reason: str = ""
 
 
-def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+# The request's SLO class rides to the prefill worker's connector, which picks the KV
+# compression profile for it when decode pulls.
+SLO_CLASS_PARAM = "tandem_slo_class"
+
+
+def prefill_body(body: dict[str, Any], slo_class: str | None = None) -> dict[str, Any]:
     out = {k: v for k, v in body.items() if k not in ("stream_options", "n", "best_of")}
-    out.update(stream=False, max_tokens=1, kv_transfer_params=dict(PREFILL_KV_PARAMS))
+    params = dict(PREFILL_KV_PARAMS)
+    if slo_class is not None:
+        params[SLO_CLASS_PARAM] = slo_class
+    out.update(stream=False, max_tokens=1, kv_transfer_params=params)
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
     # Stop strings and min_tokens could end the 1-token prefill differently; they matter
@@ -59,9 +67,11 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def run_prefill(pool: WorkerPool, endpoint: str, body: dict[str, Any]) -> PrefillResult:
+async def run_prefill(
+    pool: WorkerPool, endpoint: str, body: dict[str, Any], slo_class: str | None = None
+) -> PrefillResult:
     try:
-        async for reply in pool.stream(endpoint, prefill_body(body)):
+        async for reply in pool.stream(endpoint, prefill_body(body, slo_class)):
             if reply.kind == ERROR:
                 if 400 <= reply.status < 500:
                     return PrefillResult(PrefillOutcome.CLIENT_ERROR, error=reply)

@@ -47,6 +47,14 @@ def test_bad_input_gets_openai_error(http, case):
         assert error["param"] == param
 
 
+def test_unknown_slo_class_is_rejected_and_known_ones_served(http):
+    body = {"model": MODEL, "messages": MSG, "max_tokens": 2}
+    response = http.post(CHAT, json=body, headers={"x-tandem-slo-class": "platinum"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "x-tandem-slo-class"
+    assert http.post(CHAT, json=body, headers={"x-tandem-slo-class": "exact"}).status_code == 200
+
+
 def test_context_length_error_is_coded(http):
     response = http.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}]})
     assert response.json()["error"]["code"] == "context_length_exceeded"

@@ -35,6 +35,8 @@ def test_prefill_body_asks_for_one_token_and_remote_decode():
     assert out["kv_transfer_params"]["do_remote_decode"] is True
     assert "stream_options" not in out and "min_tokens" not in out and "n" not in out
     assert BODY["max_tokens"] == 50  # the client's body is not mutated
+    assert "tandem_slo_class" not in out["kv_transfer_params"]
+    assert prefill_body(BODY, "relaxed")["kv_transfer_params"]["tandem_slo_class"] == "relaxed"
 
 
 async def test_prefill_ok_hands_params_to_decode():
