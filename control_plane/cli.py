@@ -24,6 +24,8 @@ from control_plane.settings import TandemSettings, load_settings
 app = typer.Typer(help="Tandem: disaggregated prefill/decode LLM serving on Ray Serve.", no_args_is_help=True)
 model_app = typer.Typer(help="Prepare models for serving.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+keys_app = typer.Typer(help="API keys of the OpenAI endpoint (stored hashed in Redis).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 STATE_FILE = "up.json"
@@ -97,9 +99,13 @@ def up(
     model: str | None = typer.Option(None, help="Local HF folder or hub id (default: bundled SmolLM2)."),
     dashboard: bool = typer.Option(False, help="Start Ray's dashboard with a local Ray."),
     timeout: float = typer.Option(900, help="Seconds to wait for the app to become healthy."),
+    allow_unauthenticated: bool = typer.Option(
+        False, "--allow-unauthenticated", help="Serve a non-loopback address without API keys."
+    ),
 ) -> None:
     """Start Redis, Ray and the Serve app; print the URL when it answers."""
     overrides: dict[str, Any] = {
+        "auth": {"allow_unauthenticated": True} if allow_unauthenticated else None,
         "mode": mode,
         "host": host,
         "port": port,
@@ -123,6 +129,7 @@ def up(
         state["embedded_redis"] = True
         console.print(f"[bold]redis[/]: embedded at {url}")
     state["redis_url"] = settings.redis_url
+    _refuse_open_exposure(settings)
 
     address = settings.ray_address or os.environ.get("RAY_ADDRESS")
     if address is None:
@@ -163,6 +170,73 @@ def up(
         soft_wrap=True,
         highlight=False,
     )
+
+
+def _refuse_open_exposure(settings: TandemSettings) -> None:
+    """A non-loopback bind must have keys (in settings or Redis) or say it wants none."""
+    if settings.binds_loopback or not settings.auth_required or settings.auth.api_keys:
+        return
+    from routing.auth import KeyStore
+
+    if settings.redis_url and KeyStore(settings.redis_url, settings.app_name).list():
+        return
+    console.print(
+        f"[red]refusing to serve {settings.host} without API keys[/]: create one with "
+        "`tandem keys create NAME`, set auth.api_keys, or pass --allow-unauthenticated"
+    )
+    raise typer.Exit(2)
+
+
+def _key_store(config: Path | None) -> Any:
+    from routing.auth import KeyStore
+
+    settings = load_settings(config)
+    url = settings.redis_url or _read_state().get("redis_url") or redis_server.embedded_url()
+    if not url or not redis_server.ping(url):
+        console.print("[red]no Redis reachable[/]: start the stack (`tandem up`) or set redis_url")
+        raise typer.Exit(1)
+    return KeyStore(url, settings.app_name)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="Who the key is for."),
+    requests_per_min: int | None = typer.Option(None, help="Requests per minute."),
+    tokens_per_min: int | None = typer.Option(None, help="Prompt + completion tokens per minute."),
+    max_concurrent: int | None = typer.Option(None, help="Requests in flight at once (per ingress replica)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings YAML file."),
+) -> None:
+    """Create a key; it is printed once and stored only as a hash."""
+    from routing.auth import KeyLimits
+
+    key, record = _key_store(config).create(name, KeyLimits(requests_per_min, tokens_per_min, max_concurrent))
+    console.print(f"key for [bold]{name}[/] (id {record.digest[:12]}); it is not shown again:")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(config: Path | None = typer.Option(None, "--config", "-c", help="Settings YAML file.")) -> None:
+    """Keys by name and id, with their limits."""
+    table = Table("name", "id", "requests/min", "tokens/min", "concurrent", "created")
+    for record in _key_store(config).list():
+        limits = record.limits
+        table.add_row(
+            record.name, record.digest[:12], str(limits.requests_per_min or "-"), str(limits.tokens_per_min or "-"),
+            str(limits.max_concurrent or "-"), time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)),
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name_or_id: str = typer.Argument(..., help="A key's name, or its id (8+ characters)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings YAML file."),
+) -> None:
+    """Revoke keys; ingresses stop accepting them within seconds."""
+    removed = _key_store(config).revoke(name_or_id)
+    console.print(f"revoked {removed} key(s)")
+    if not removed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -164,6 +164,44 @@ class RoutingSettings(_Strict):
         return self
 
 
+class KeyLimitSettings(_Strict):
+    requests_per_min: int | None = Field(None, ge=1)
+    tokens_per_min: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+
+class AuthSettings(_Strict):
+    """API keys on the OpenAI endpoint (routing/auth.py)."""
+
+    # Keys accepted as given (e.g. a Kubernetes Secret through TANDEM_AUTH__API_KEYS);
+    # keys made with `tandem keys create` live hashed in Redis.
+    api_keys: list[str] = Field(default_factory=list)
+    # None: keys are required when api_keys are set or the service binds a non-loopback
+    # address; True / False force it.
+    required: bool | None = None
+    # Binding a non-loopback address with keys off is refused unless this is set.
+    allow_unauthenticated: bool = False
+    # Limits of keys that have none of their own (and of api_keys).
+    default_limits: KeyLimitSettings = Field(default_factory=KeyLimitSettings)
+    # With Redis down, quotas are skipped ("open") or requests get 503 ("closed").
+    quota_on_redis_failure: Literal["open", "closed"] = "open"
+
+
+class AdmissionSettings(_Strict):
+    """What the ingress refuses at once instead of queueing (routing/admission.py)."""
+
+    # Requests in flight per ingress replica; beyond it: 429 with Retry-After.
+    max_in_flight: int = Field(512, ge=1)
+    # Refuse (429) when even the best prefill replica's predicted TTFT is past this; None
+    # turns the check off. Needs a router with a TTFT predictor (dualmap).
+    max_predicted_ttft_s: float | None = Field(60.0, gt=0)
+    retry_after_s: int = Field(1, ge=1)
+    # Larger bodies get 413 before they are parsed.
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_messages: int = Field(512, ge=1)
+    max_n: int = Field(16, ge=1)
+
+
 class TandemSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -178,6 +216,8 @@ class TandemSettings(BaseSettings):
     colocated: WorkerSettings = Field(default_factory=WorkerSettings)
     kv_connector: ConnectorSettings = Field(default_factory=ConnectorSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     # None = Tandem starts its embedded Redis on loopback.
     redis_url: str | None = None
     # None = start a local Ray (`tandem up`) or use RAY_ADDRESS when set.
@@ -237,6 +277,18 @@ class TandemSettings(BaseSettings):
 
     def engine_count(self) -> int:
         return sum(self.worker(role).replicas for role in self.roles())
+
+    @property
+    def binds_loopback(self) -> bool:
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def auth_required(self) -> bool:
+        if self.auth.required is not None:
+            return self.auth.required
+        if self.auth.allow_unauthenticated and not self.auth.api_keys:
+            return False
+        return bool(self.auth.api_keys) or not self.binds_loopback
 
     @property
     def url(self) -> str:

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from control_plane.settings import TandemSettings, settings_from_dict
-from routing import metrics
+from routing import admission, auth, metrics, serve_router
 from routing.errors import OpenAIError, error_body, from_engine_error
 from routing.orchestrator import PrefillOutcome, decode_body, run_prefill
 from routing.protocol import ChatCompletionRequest, CompletionRequest, forwarded_body
@@ -67,6 +67,9 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 app.add_exception_handler(OpenAIError, _openai_error)  # type: ignore[arg-type]
 app.add_exception_handler(Exception, _unexpected_error)
+# Starlette runs the last added middleware first: the key is checked before the body size.
+app.add_middleware(admission.BodyLimitMiddleware)
+app.add_middleware(auth.AuthMiddleware)
 
 
 # Serve pickles the FastAPI routes by value when @serve.ingress runs: helpers they use must be
@@ -78,6 +81,63 @@ async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
 
 def _sse_error(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+
+
+def _authenticator(settings: TandemSettings) -> auth.Authenticator | None:
+    if not settings.auth_required:
+        return None
+    limits = settings.auth.default_limits
+    return auth.Authenticator(
+        settings.app_name,
+        settings.redis_url,
+        static_keys=settings.auth.api_keys,
+        default_limits=auth.KeyLimits(limits.requests_per_min, limits.tokens_per_min, limits.max_concurrent),
+        quota_fail_open=settings.auth.quota_on_redis_failure == "open",
+    )
+
+
+async def _admit(key: auth.KeyRecord) -> None:
+    authenticator = auth.active()
+    if authenticator is None:
+        return
+    try:
+        authenticator.take_slot(key)  # on the event loop: the slot count is not thread-safe
+        try:
+            await asyncio.to_thread(authenticator.check_quota, key)
+        except BaseException:
+            authenticator.release_slot(key)
+            raise
+    except auth.AuthError as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        raise OpenAIError(exc.status, exc.message, code=exc.code, headers=headers) from None
+
+
+class _Lease:
+    """What an admitted request holds until it ends: an in-flight slot at the ingress and,
+    with API keys, the key's concurrency slot; released once, charging the tokens used."""
+
+    def __init__(self, gate: admission.AdmissionGate, key: auth.KeyRecord | None):
+        self._gate = gate
+        self._key = key
+        self._released = False
+
+    def release(self, tokens: int = 0) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._gate.release()
+        if self._key is not None:
+            auth.release_later(self._key, tokens)
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """About how many tokens a prompt has, for quotas (4 characters a token)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        text = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+    else:
+        text = len(str(body.get("prompt", "")))
+    return max(1, text // 4)
 
 
 class ServePool:
@@ -117,6 +177,11 @@ class Ingress:
         self.colocated = ServePool(colocated) if colocated is not None else None
         self._models_cache: dict[str, Any] | None = None
         metrics.include_workers(self.settings.redis_url, self.settings.app_name)
+        auth.install(_authenticator(self.settings))
+        limits = self.settings.admission
+        admission.install_body_limit(limits.max_body_bytes)
+        self._gate = admission.AdmissionGate(limits.max_in_flight, limits.max_predicted_ttft_s, limits.retry_after_s)
+        self._first_pool = "PrefillWorker" if self.mode == "disaggregated" else "ColocatedWorker"
 
     # ---- endpoints ---------------------------------------------------------------------
 
@@ -179,6 +244,12 @@ class Ingress:
                 f"{self.settings.model.max_model_len}",
                 param=param,
             )
+        limits = self.settings.admission
+        messages = getattr(body, "messages", None)
+        if messages is not None and len(messages) > limits.max_messages:
+            raise OpenAIError(400, f"Too many messages: {len(messages)} > {limits.max_messages}.", param="messages")
+        if (body.n or 1) > limits.max_n:
+            raise OpenAIError(400, f"n is too large: {body.n} > {limits.max_n}.", param="n")
         if self.mode == "disaggregated" and ((body.n or 1) > 1 or (getattr(body, "best_of", None) or 1) > 1):
             raise OpenAIError(
                 400, "n > 1 is not supported in disaggregated mode", param="n"
@@ -189,6 +260,46 @@ class Ingress:
     ) -> Response:
         self._check(request)
         slo_class = self._slo_class(http)
+        key = getattr(http.state, "api_key", None)
+        if key is not None:
+            await _admit(key)
+        try:
+            self._admit_load(forwarded_body(request))
+        except BaseException:
+            if key is not None:
+                auth.release_later(key, 0)
+            raise
+        lease = _Lease(self._gate, key)
+        handed_to_stream = False
+        tokens = 0
+        try:
+            response, tokens, handed_to_stream = await self._respond(endpoint, request, http, slo_class, lease)
+            return response
+        finally:
+            if not handed_to_stream:
+                lease.release(tokens)
+
+    def _admit_load(self, body: dict[str, Any]) -> None:
+        """Shed load at once (429/503 with Retry-After) instead of queueing without bound."""
+        router = serve_router.router_for(self.settings.app_name, self._first_pool)
+        predicted = router.best_predicted_ttft_s(_prompt_tokens(body)) if router is not None else None
+        replicas = router.replica_count() if router is not None else None
+        try:
+            self._gate.admit(predicted, replicas)
+        except admission.Overloaded as exc:
+            metrics.SHED.labels(str(exc.status)).inc()
+            raise OpenAIError(exc.status, exc.message, code="overloaded",
+                              headers={"Retry-After": str(exc.retry_after_s)}) from None
+
+    async def _respond(
+        self,
+        endpoint: str,
+        request: ChatCompletionRequest | CompletionRequest,
+        http: Request,
+        slo_class: str,
+        lease: _Lease,
+    ) -> tuple[Response, int, bool]:
+        """(response, tokens it used if known now, whether a stream now owns the lease)"""
         started = time.monotonic()
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
         body = forwarded_body(request)
@@ -209,13 +320,15 @@ class Ingress:
         if first.kind == RESPONSE:
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
             metrics.REQUESTS.labels(http.url.path, "200").inc()
-            return JSONResponse(first.body, headers=headers)
+            usage = first.body.get("usage") if isinstance(first.body, dict) else None
+            return JSONResponse(first.body, headers=headers), int((usage or {}).get("total_tokens") or 0), False
         metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
-        return StreamingResponse(
-            self._sse(endpoint, first, replies, started, http.url.path, deadline),
+        stream = StreamingResponse(
+            self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, _prompt_tokens(body)),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        return stream, 0, True
 
     def _slo_class(self, http: Request) -> str:
         """The request's SLO class (`x-tandem-slo-class`): how much KV-compression quality
@@ -257,6 +370,8 @@ class Ingress:
         started: float,
         path: str,
         deadline: float,
+        lease: _Lease | None = None,
+        prompt_tokens: int = 0,
     ) -> AsyncIterator[str]:
         status = "200"
         first_at = last_at = time.monotonic()
@@ -290,3 +405,6 @@ class Ingress:
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
             if chunks > 1:
                 metrics.TPOT.labels(endpoint, self.mode).observe((last_at - first_at) / (chunks - 1))
+            if lease is not None:
+                # Streamed chunks carry about one token each.
+                lease.release(prompt_tokens + chunks)

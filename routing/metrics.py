@@ -68,6 +68,11 @@ ROUTER_IN_FLIGHT = Gauge(
     "Requests the router has sent to a replica and not seen complete.",
     ["pool", "replica"],
 )
+SHED = Counter(
+    "tandem:requests_shed",
+    "Requests refused by admission control before any work (429 overload, 503 no replica).",
+    ["status"],
+)
 CLIENT_DISCONNECTS = Counter(
     "tandem:client_disconnects",
     "Streaming requests aborted because the client went away.",

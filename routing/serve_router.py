@@ -117,6 +117,16 @@ class _InFlight:
     routed_at: float
 
 
+# This process's routers by (app, deployment): the ingress asks its prefill router for the
+# pool's best predicted TTFT (admission control). Serve creates a router lazily, at a
+# handle's first call.
+_ROUTERS: dict[tuple[str, str], TandemRequestRouter] = {}
+
+
+def router_for(app_name: str, deployment: str) -> TandemRequestRouter | None:
+    return _ROUTERS.get((app_name, deployment))
+
+
 class TandemRequestRouter(RequestRouter):
     """``request_router_kwargs``: ``pool`` (metrics label), ``policy`` (a
     `routing.policies` name), ``policy_kwargs``, ``observe_ttft`` (the pool's requests end
@@ -149,6 +159,22 @@ class TandemRequestRouter(RequestRouter):
         self._engine_queued: dict[str, int] = {}
         self._load_view: dict[str, InstanceLoad] = {}
         self._stats_seen: dict[str, Any] = {}
+        deployment = getattr(self, "_deployment_id", None)
+        if deployment is not None:
+            _ROUTERS[(deployment.app_name, deployment.name)] = self
+
+    # ---- for admission control -----------------------------------------------------------
+
+    def best_predicted_ttft_s(self, prompt_tokens: int) -> float | None:
+        """The lowest predicted TTFT in the pool for a new prompt; None if the policy has
+        no predictor or no replica has been seen yet."""
+        predictor = getattr(self.policy, "predictor", None)
+        if predictor is None or not self._load_view:
+            return None
+        return min(predictor.predict(rid, load, prompt_tokens) for rid, load in self._load_view.items())
+
+    def replica_count(self) -> int:
+        return len(self.curr_replicas)
 
     # ---- load view -----------------------------------------------------------------------
 

@@ -22,6 +22,10 @@ REFERENCE_APP = "reference"
 # prefill replicas so that routing between replicas is exercised end to end.
 NIXL_APP = "nixl"
 NIXL_PREFILL_REPLICAS = 2
+# An ingress with API keys on and tight admission limits, in front of the reference app's
+# engine (no engine of its own).
+SECURE_APP = "secure"
+SECURE_KEY = "tk-test-secure-key"
 # A short KV hold time, so the tests can watch unpulled transfers expire.
 TTL_S = 10
 
@@ -31,6 +35,7 @@ class Cluster:
     url: str  # the disaggregated app (what `make run` starts)
     reference_url: str  # a colocated app on the same model, for token-exact comparisons
     nixl_url: str  # a disaggregated app using the nixl transport
+    secure_url: str  # an ingress with API keys required
     app_name: str = "tandem"
 
     @property
@@ -48,17 +53,6 @@ class Cluster:
 
     def worker_stats(self, deployment: str, app_name: str | None = None) -> dict:
         return self.handle(deployment, app_name).record_routing_stats.remote().result()
-
-    def replica_stats(self, role: str, app_name: str) -> dict[str, dict]:
-        """Latest heartbeat stats of every live replica of a role, by replica id."""
-        from control_plane.redis_server import embedded_url
-        from control_plane.state import list_workers
-
-        return {
-            entry["replica_id"]: entry["stats"]
-            for entry in list_workers(embedded_url(), app_name)
-            if entry.get("role") == role
-        }
 
 
 def tandem(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -126,8 +120,20 @@ def cluster(cluster_env: dict):
             route_prefix=extra.route_prefix,
             blocking=False,
         )
+    from routing.ingress import Ingress
+
+    secure = reference.model_copy(
+        update={"app_name": SECURE_APP, "route_prefix": f"/{SECURE_APP}",
+                "auth": reference.auth.model_copy(update={"api_keys": [SECURE_KEY]}),
+                # One request at a time and small bodies: admission control is easy to hit.
+                "admission": reference.admission.model_copy(update={"max_in_flight": 1, "max_body_bytes": 65536})}
+    )
+    engine = serve.get_deployment_handle("ColocatedWorker", app_name=REFERENCE_APP)
+    serve.run(Ingress.bind(secure.model_dump(mode="json"), colocated=engine), name=SECURE_APP,
+              route_prefix=secure.route_prefix, blocking=False)
     try:
-        yield Cluster(url=url, reference_url=f"{url}/{REFERENCE_APP}", nixl_url=f"{url}/{NIXL_APP}")
+        yield Cluster(url=url, reference_url=f"{url}/{REFERENCE_APP}", nixl_url=f"{url}/{NIXL_APP}",
+                      secure_url=f"{url}/{SECURE_APP}")
     finally:
         ray.shutdown()
         tandem("down", env=cluster_env)

@@ -10,6 +10,8 @@ import time
 
 from openai import OpenAI
 
+from control_plane.redis_server import embedded_url
+from control_plane.state import list_workers
 from tests.conftest import MODEL, NIXL_APP, NIXL_PREFILL_REPLICAS
 
 GROUPS = 6
@@ -22,33 +24,27 @@ def _system_prompt(group: int) -> str:
     )
 
 
-def _requests_by_replica(cluster) -> dict[str, int]:
-    return {rid: stats["requests_total"] for rid, stats in cluster.replica_stats("prefill", NIXL_APP).items()}
-
-
-def _wait_for_heartbeats(cluster, before: dict[str, int], expected: int) -> dict[str, int]:
-    """Per-replica request deltas once the heartbeats (every 5 s) account for all."""
+def _fresh_requests_by_replica(cluster) -> dict[str, int]:
+    """Requests each prefill replica has served, from heartbeats sent after this call
+    (they come every 5 s, so earlier ones may miss the latest requests)."""
+    since = time.time()
     deadline = time.monotonic() + 30
     while True:
-        now = _requests_by_replica(cluster)
-        delta = {rid: now[rid] - before.get(rid, 0) for rid in now}
-        if sum(delta.values()) >= expected or time.monotonic() > deadline:
-            return delta
-        time.sleep(1)
+        entries = [
+            e for e in list_workers(embedded_url(), NIXL_APP) if e.get("role") == "prefill"
+        ]
+        if len(entries) >= NIXL_PREFILL_REPLICAS and all(e["heartbeat_at"] > since for e in entries):
+            return {e["replica_id"]: e["stats"]["requests_total"] for e in entries}
+        assert time.monotonic() < deadline, "prefill replicas of the nixl app stopped heartbeating"
+        time.sleep(0.5)
 
 
 def test_shared_system_prompts_land_on_one_prefill_replica(cluster):
     client = OpenAI(base_url=f"{cluster.nixl_url}/v1", api_key="unused", max_retries=0, timeout=300)
-    # Both replicas heartbeat before we start counting.
-    deadline = time.monotonic() + 60
-    while len(_requests_by_replica(cluster)) < NIXL_PREFILL_REPLICAS:
-        assert time.monotonic() < deadline, "prefill replicas of the nixl app never heartbeat"
-        time.sleep(1)
-
     homes: dict[int, str] = {}
     per_replica: dict[str, int] = {}
+    before = _fresh_requests_by_replica(cluster)
     for group in range(GROUPS):
-        before = _requests_by_replica(cluster)
         for question in range(PER_GROUP):
             reply = client.chat.completions.create(
                 model=MODEL,
@@ -60,10 +56,11 @@ def test_shared_system_prompts_land_on_one_prefill_replica(cluster):
                 temperature=0,
             )
             assert reply.choices[0].message.content is not None
-        delta = _wait_for_heartbeats(cluster, before, PER_GROUP)
-        served = {rid: n for rid, n in delta.items() if n}
-        assert len(served) == 1 and sum(served.values()) == PER_GROUP, (group, delta)
+        after = _fresh_requests_by_replica(cluster)
+        served = {rid: n - before.get(rid, 0) for rid, n in after.items() if n - before.get(rid, 0)}
+        assert len(served) == 1 and sum(served.values()) == PER_GROUP, (group, served)
         homes[group] = next(iter(served))
+        before = after
         per_replica[homes[group]] = per_replica.get(homes[group], 0) + PER_GROUP
 
     # Distinct prefixes spread: both replicas got groups, neither more than 2/3 of them.
