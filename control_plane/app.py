@@ -76,5 +76,10 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
         )
 
     if settings.mode == "disaggregated":
-        return Ingress.bind(data, prefill=pool("prefill"), decode=pool("decode"))
+        extra: dict[str, Any] = {}
+        if settings.kv_connector.compression.mode == "adaptive":
+            from control_plane.controller.service import CompressionControllerDeployment
+
+            extra["controller"] = CompressionControllerDeployment.bind(data)
+        return Ingress.bind(data, prefill=pool("prefill"), decode=pool("decode"), **extra)
     return Ingress.bind(data, colocated=pool("colocated"))

@@ -38,9 +38,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 
+from kv_transport.codecs import CodecError
+from kv_transport.compression import IDENTITY, CodecChooser, decode_into_blocks, encode_blocks
 from kv_transport.layout import KVLayout, bytes_view
 from kv_transport.telemetry import TransferRecord, make_sinks
-from kv_transport.transport.base import EXPIRED, Publication, RateLimiter, TransferError, Transport
+from kv_transport.transport.base import (
+    EXPIRED,
+    Publication,
+    PullContext,
+    RateLimiter,
+    TransferError,
+    Transport,
+)
 from kv_transport.wire import (
     BufferInfo,
     TransferHeader,
@@ -62,6 +71,8 @@ if TYPE_CHECKING:
 log = init_logger("vllm.tandem.kv")
 
 PARAMS_KEY = "tandem"
+# Set by the ingress on the prefill request (routing.orchestrator.SLO_CLASS_PARAM).
+SLO_CLASS_PARAM = "tandem_slo_class"
 
 
 @dataclass
@@ -69,6 +80,7 @@ class SendSpec:
     transfer_id: str
     block_ids: list[int]
     num_tokens: int
+    slo_class: str = ""  # the request's class: picks the compression profile (adaptive)
 
 
 @dataclass
@@ -100,6 +112,12 @@ class ConnectorConfig:
     pull_threads: int = 4
     telemetry_sinks: list[str] = field(default_factory=lambda: ["redis"])
     redis_url: str | None = None
+    # KV compression (kv_transport.compression): off | static | adaptive.
+    compression_mode: str = "off"
+    compression_profile: str = "identity"
+    default_slo_class: str = "standard"
+    decision_cache_s: float = 2.0
+    app_name: str = "tandem"
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -286,7 +304,8 @@ class _SchedulerSide:
         if not blocks:
             return False, None
         transfer_id = secrets.token_hex(16)  # 128-bit, unguessable, single use
-        self._sends[request.request_id] = SendSpec(transfer_id, blocks, num_tokens)
+        slo_class = str(params.get(SLO_CLASS_PARAM) or self.c.config.default_slo_class)
+        self._sends[request.request_id] = SendSpec(transfer_id, blocks, num_tokens, slo_class)
         return True, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
@@ -317,6 +336,10 @@ class _WorkerSide:
         self._stats = TandemKVStats()
         self.sinks = make_sinks(self.cfg.telemetry_sinks, self.cfg.redis_url)
         self.local_address = f"{self.cfg.advertise_host or self.cfg.host}:{self.transport.address['port']}"
+        self.codecs = CodecChooser(
+            self.cfg.compression_mode, self.cfg.compression_profile, self.cfg.redis_url,
+            self.cfg.app_name, self.cfg.decision_cache_s,
+        )
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout = KVLayout(kv_caches, self.num_blocks, self.c._block_size, self.c._model)
@@ -346,11 +369,26 @@ class _WorkerSide:
         assert self.layout is not None
         layout = self.layout
 
-        def materialize(skip_blocks: int = 0) -> tuple[TransferHeader, list[memoryview]]:
+        def materialize(context: PullContext) -> tuple[TransferHeader, list[memoryview]]:
+            skip_blocks = context.skip_blocks
             if skip_blocks > len(send.block_ids):
                 raise ValueError(f"puller skips {skip_blocks} of {len(send.block_ids)} blocks")
             # The puller already holds the leading blocks (a local prefix hit): send the rest.
             block_ids = send.block_ids[skip_blocks:]
+            profile = self.codecs.choose(f"{self.local_address}->{context.puller}", send.slo_class)
+            if profile is not None and block_ids:
+                try:
+                    carried_tokens = send.num_tokens - skip_blocks * layout.block_size
+                    blobs, infos, codec = encode_blocks(profile, layout, block_ids, carried_tokens)
+                except CodecError as exc:
+                    log.warning("compression with %s failed (%s): sending uncompressed", profile.name, exc)
+                else:
+                    header = TransferHeader(
+                        transfer_id=send.transfer_id, fingerprint=layout.fingerprint, dtype=layout.dtype,
+                        block_size=layout.block_size, num_tokens=send.num_tokens, num_blocks=len(block_ids),
+                        first_block=skip_blocks, buffers=infos, codec=codec, checksum=checksum(blobs),
+                    )
+                    return header, blobs
             if layout.device.type == "cpu":
                 per_layer = layout.block_views(block_ids)
             else:
@@ -399,7 +437,7 @@ class _WorkerSide:
             self._pull_into_blocks(recv, record)
             record.ok = True
         except Exception as exc:  # noqa: BLE001 - every failure must release the request
-            expected = isinstance(exc, (TransferError, WireFormatError, OSError))
+            expected = isinstance(exc, (TransferError, WireFormatError, CodecError, OSError))
             log.warning(
                 "KV pull for %s failed (%r); decode recomputes the prompt",
                 request_id, exc, exc_info=not expected,
@@ -456,11 +494,14 @@ class _WorkerSide:
             transfer["address"], transfer["transfer_id"],
             timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
             limiter=self._limiter(record.link), into=straight_into_blocks, skip_blocks=recv.first_block,
+            puller=self.local_address,
         )
         record.wire_s = time.perf_counter() - fetch_started
         record.wire_bytes = header.payload_nbytes
         record.raw_bytes = header.raw_nbytes
         record.codec = header.codec.id
+        encode_s = header.codec.params.get("encode_s", 0.0)
+        record.encode_s = float(encode_s) if isinstance(encode_s, (int, float)) else 0.0
         verify(header, received)
         if header.fingerprint != layout.fingerprint:
             raise WireFormatError(f"KV layout fingerprint {header.fingerprint} != local {layout.fingerprint}")
@@ -476,7 +517,10 @@ class _WorkerSide:
             )
         # Bytes the local prefix hit kept off the link.
         record.saved_bytes = header.first_block * (header.raw_nbytes // header.num_blocks)
-        if not landed_in_blocks:
+        if header.codec.id != IDENTITY:
+            blobs = split_payload(header, received[0]) if len(received) == 1 else list(received)
+            record.decode_s = decode_into_blocks(layout, header.codec, blobs, recv.block_ids, start)
+        elif not landed_in_blocks:
             # Landed in one staging buffer: copy the wanted blocks of each layer over.
             wanted = []
             for view in split_payload(header, received[0]):
@@ -503,6 +547,7 @@ class _WorkerSide:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.codecs.close()
         self.transport.close()
         for sink in self.sinks:
             sink.close()

@@ -38,11 +38,17 @@ class DecisionCache:
 
             # A short timeout: a transfer must never wait on a slow Redis.
             self._client = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._known: dict[tuple[str, str], tuple[str, float]] = {}
+        self._known: dict[tuple[str, str], tuple[dict[str, Any] | None, float]] = {}
         self._lock = threading.Lock()
         self._warned = False
 
     def profile(self, link: str, slo_class: str) -> str:
+        decision = self.decision(link, slo_class)
+        return str(decision.get("profile", self.default_profile)) if decision else self.default_profile
+
+    def decision(self, link: str, slo_class: str) -> dict[str, Any] | None:
+        """The controller's latest decision for the link and class (profile name, and the
+        profile's full spec when it is not a built-in), or None if none is known."""
         key = (link, slo_class)
         now = time.monotonic()
         with self._lock:
@@ -50,17 +56,14 @@ class DecisionCache:
         if known is not None and now - known[1] < self.cache_s:
             return known[0]
         fetched = self._fetch(link, slo_class)
-        if fetched is None:
-            # Redis down or no decision yet: keep the last one (refreshing its age so a
-            # dead Redis is not hit on every transfer), else the safe default.
-            profile = known[0] if known is not None else self.default_profile
-        else:
-            profile = fetched
+        # Redis down or no decision yet: keep the last one (refreshing its age so a dead
+        # Redis is not asked on every transfer).
+        decision = fetched if fetched is not None else (known[0] if known is not None else None)
         with self._lock:
-            self._known[key] = (profile, now)
-        return profile
+            self._known[key] = (decision, now)
+        return decision
 
-    def _fetch(self, link: str, slo_class: str) -> str | None:
+    def _fetch(self, link: str, slo_class: str) -> dict[str, Any] | None:
         if self._client is None:
             return None
         import redis
@@ -76,9 +79,10 @@ class DecisionCache:
         if raw is None:
             return None
         try:
-            return str(json.loads(raw)["profile"])
-        except (ValueError, KeyError, TypeError):
+            decision = json.loads(raw)
+        except ValueError:
             return None
+        return decision if isinstance(decision, dict) and isinstance(decision.get("profile"), str) else None
 
     def close(self) -> None:
         if self._client is not None:

@@ -169,12 +169,14 @@ class Ingress:
         prefill: DeploymentHandle | None = None,
         decode: DeploymentHandle | None = None,
         colocated: DeploymentHandle | None = None,
+        controller: DeploymentHandle | None = None,
     ):
         self.settings: TandemSettings = settings_from_dict(settings)
         self.mode = self.settings.mode
         self.prefill = ServePool(prefill) if prefill is not None else None
         self.decode = ServePool(decode) if decode is not None else None
         self.colocated = ServePool(colocated) if colocated is not None else None
+        self.controller = controller
         self._models_cache: dict[str, Any] | None = None
         metrics.include_workers(self.settings.redis_url, self.settings.app_name)
         auth.install(_authenticator(self.settings))
@@ -208,6 +210,15 @@ class Ingress:
         # Off the event loop: collecting reads the workers' heartbeats from Redis.
         body = await asyncio.to_thread(metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/compression")
+    async def compression(self) -> JSONResponse:
+        """The compression controller's view: profiles, per-link bandwidth, decisions."""
+        if self.controller is None:
+            mode = self.settings.kv_connector.compression
+            return JSONResponse({"mode": mode.mode, "profile": mode.profile})
+        status = await self.controller.status.remote()
+        return JSONResponse({"mode": "adaptive", **status})
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:

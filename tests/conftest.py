@@ -18,10 +18,12 @@ BIN = Path(sys.executable).parent
 TEST_PORT = int(os.environ.get("TANDEM_TEST_PORT", "8123"))
 MODEL = "smollm2-135m-instruct"
 REFERENCE_APP = "reference"
-# A second disaggregated app whose workers move KV over NIXL instead of tcp, with two
-# prefill replicas so that routing between replicas is exercised end to end.
+# A second disaggregated app whose workers move KV over NIXL instead of tcp, compressed
+# with an 8-bit profile, with two prefill replicas so that routing between replicas is
+# exercised end to end.
 NIXL_APP = "nixl"
 NIXL_PREFILL_REPLICAS = 2
+NIXL_PROFILE = "int8-kivi"
 # An ingress with API keys on and tight admission limits, in front of the reference app's
 # engine (no engine of its own).
 SECURE_APP = "secure"
@@ -111,7 +113,9 @@ def cluster(cluster_env: dict):
         redis_url=embedded_url(),
         prefill={"replicas": NIXL_PREFILL_REPLICAS, "cpu_threads": 1},
         decode={"replicas": 1, "cpu_threads": 1},
-        kv_connector={"transport": "nixl", "ttl_s": TTL_S},
+        # KV travels int8-compressed here: its greedy output must still match colocated.
+        kv_connector={"transport": "nixl", "ttl_s": TTL_S,
+                      "compression": {"mode": "static", "profile": NIXL_PROFILE}},
     )
     for extra in (reference, nixl):
         serve.run(

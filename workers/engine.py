@@ -85,6 +85,12 @@ def kv_transfer_config(
         extra.setdefault("rate_limit_bytes_per_s", connector.rate_limit_bytes_per_s)
         extra.setdefault("telemetry_sinks", list(connector.telemetry_sinks))
         extra.setdefault("redis_url", settings.redis_url)
+        compression = connector.compression
+        extra.setdefault("compression_mode", compression.mode)
+        extra.setdefault("compression_profile", compression.profile)
+        extra.setdefault("default_slo_class", compression.default_slo_class)
+        extra.setdefault("decision_cache_s", compression.decision_cache_s)
+        extra.setdefault("app_name", settings.app_name)
         if listener is not None:
             extra.setdefault("host", listener["host"])
             extra.setdefault("port", listener["port"])

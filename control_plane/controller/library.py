@@ -50,6 +50,16 @@ def costs_from_library(library: dict[str, Any], pareto_only: bool = True) -> lis
     return costs
 
 
+def specs_from_library(library: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Profile name -> its full codec spec, so connectors can use profiles that are not
+    built in (the controller ships the spec with its decision)."""
+    return {
+        str(entry["name"]): entry["profile"]
+        for entry in library.get("profiles", [])
+        if isinstance(entry.get("profile"), dict) and "name" in entry
+    }
+
+
 def read_library(model: str, explicit: str | None = None, redis_url: str | None = None) -> dict[str, Any] | None:
     """The library from an explicit file, else Redis, else the cache dir; None if none."""
     if explicit:
@@ -80,9 +90,9 @@ def store_library(library: dict[str, Any], model: str, redis_url: str | None = N
     return path
 
 
-def load_costs(settings: Any) -> list[ProfileCost]:
-    """The costs the controller chooses between for these settings (identity is always
-    added by the policy itself)."""
+def load_library(settings: Any) -> dict[str, Any]:
+    """The library the controller chooses from for these settings (empty if none: then
+    only identity, which the policy always adds)."""
     compression = settings.kv_connector.compression
     library = read_library(settings.model.served_name, compression.library, settings.redis_url)
     if library is None:
@@ -91,5 +101,5 @@ def load_costs(settings: Any) -> list[ProfileCost]:
             "'identity' until `tandem profile` has run",
             settings.model.served_name,
         )
-        return []
-    return costs_from_library(library)
+        return {"profiles": []}
+    return library

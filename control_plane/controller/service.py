@@ -14,7 +14,7 @@ from typing import Any
 
 from ray import serve
 
-from control_plane.controller.library import load_costs
+from control_plane.controller.library import costs_from_library, load_library, specs_from_library
 from control_plane.controller.policy import CompressionController, SLOClass, TransferObservation
 from control_plane.settings import settings_from_dict
 from kv_transport.decisions import decision_key
@@ -56,7 +56,9 @@ class ControllerLoop:
         self.settings = settings_from_dict(settings)
         compression = self.settings.kv_connector.compression
         classes = {name: SLOClass(name, loss) for name, loss in compression.slo_classes.items()}
-        self.costs = load_costs(self.settings)
+        library = load_library(self.settings)
+        self.costs = costs_from_library(library)
+        self.specs = specs_from_library(library)
         self.policy = CompressionController(self.costs, classes, pipelined=compression.pipelined)
         # link -> EWMA of raw bytes per transfer (the size decisions are made for)
         self.typical_bytes: dict[str, float] = {}
@@ -79,6 +81,7 @@ class ControllerLoop:
                     "link": link,
                     "slo_class": slo_class,
                     "profile": choice.profile,
+                    "spec": self.specs.get(choice.profile),
                     "predicted_s": choice.predicted_s,
                     "bandwidth_bytes_per_s": choice.bandwidth_bytes_per_s,
                     "typical_bytes": raw,

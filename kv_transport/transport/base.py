@@ -19,9 +19,18 @@ from kv_transport.wire import TransferHeader
 
 log = logging.getLogger(__name__)
 
-# Builds a publication's header and buffers when it is pulled, skipping the first
-# ``skip_blocks`` blocks the puller already holds.
-Materialize = Callable[[int], tuple[TransferHeader, Sequence[memoryview]]]
+@dataclass(frozen=True)
+class PullContext:
+    """What a pull request tells the publisher: the leading blocks the puller already
+    holds (a local prefix hit) and who it is (``host:port``, which names the link and so
+    the codec the controller chose for it)."""
+
+    skip_blocks: int = 0
+    puller: str = ""
+
+
+# Builds a publication's header and buffers when it is pulled, for that puller.
+Materialize = Callable[[PullContext], tuple[TransferHeader, Sequence[memoryview]]]
 # Chooses where a pulled payload lands, once its header is known: writable views whose sizes
 # add up to header.payload_nbytes (e.g. the destination KV blocks: a zero-copy receive). None
 # lets the transport allocate one buffer.
@@ -155,12 +164,15 @@ class RateLimiter:
             time.sleep(deficit / self.rate)
 
 
-def requested_skip(request: dict[str, Any]) -> int:
-    """The leading blocks a pull request says its puller already holds."""
+def pull_context(request: dict[str, Any]) -> PullContext:
+    """The checked context of a pull request (ValueError if malformed)."""
     skip = request.get("skip_blocks", 0)
     if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
         raise ValueError(f"skip_blocks must be a non-negative integer, got {skip!r}")
-    return skip
+    puller = request.get("puller", "")
+    if not isinstance(puller, str) or len(puller) > 256:
+        raise ValueError("puller must be a short string")
+    return PullContext(skip, puller)
 
 
 class Transport(ABC):
@@ -187,9 +199,11 @@ class Transport(ABC):
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
         skip_blocks: int = 0,
+        puller: str = "",
     ) -> tuple[TransferHeader, list[memoryview]]:
         """Pull one transfer, without its first ``skip_blocks`` blocks (the puller holds
-        them); returns its header and the views the payload landed in."""
+        them); ``puller`` is this side's address. Returns the header and the views the
+        payload landed in."""
 
     @abstractmethod
     def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:

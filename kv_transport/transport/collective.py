@@ -31,8 +31,8 @@ from kv_transport.transport.base import (
     Publication,
     RateLimiter,
     TransferError,
+    pull_context,
     receive_buffers,
-    requested_skip,
 )
 from kv_transport.transport.tcp import TcpTransport, ack_frame, read_small_frame, recv_bytes
 from kv_transport.wire import TransferHeader
@@ -90,7 +90,7 @@ class CollectiveTransport(TcpTransport):
         try:
             with self._lock:
                 group = self._groups.get(str(request.get("group")))
-            header, buffers = publication.materialize(requested_skip(request))
+            header, buffers = publication.materialize(pull_context(request))
             sock.sendall(header.encode())
             if group is None:
                 return False  # the puller sees the connection drop and fails the pull
@@ -146,6 +146,7 @@ class CollectiveTransport(TcpTransport):
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
         skip_blocks: int = 0,
+        puller: str = "",
     ) -> tuple[TransferHeader, list[memoryview]]:
         group_id, link_lock = self._link(address, timeout_s)
         group = self._groups[group_id]
@@ -166,7 +167,7 @@ class CollectiveTransport(TcpTransport):
             return header, views
 
         request = {"op": "collective_pull", "transfer_id": transfer_id, "wait_s": wait_s, "group": group_id,
-                   "skip_blocks": skip_blocks}
+                   "skip_blocks": skip_blocks, "puller": puller}
         # One transfer at a time per link: sends and receives pair up in order.
         with link_lock:
             try:

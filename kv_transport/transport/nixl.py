@@ -35,8 +35,8 @@ from kv_transport.transport.base import (
     Publication,
     RateLimiter,
     TransferError,
+    pull_context,
     receive_buffers,
-    requested_skip,
 )
 from kv_transport.transport.tcp import TcpTransport, error_frame, recv_bytes
 from kv_transport.wire import TransferHeader
@@ -97,7 +97,7 @@ class NixlTransport(TcpTransport):
         outcome = SEND_FAILED
         registered = None
         try:
-            header, buffers = publication.materialize(requested_skip(request))
+            header, buffers = publication.materialize(pull_context(request))
             regions = _coalesce([_address_of(b) for b in buffers])
             if regions:
                 registered = self.agent.register_memory([(a, n, 0, "") for a, n in regions], "DRAM")
@@ -151,6 +151,7 @@ class NixlTransport(TcpTransport):
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
         skip_blocks: int = 0,
+        puller: str = "",
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> dict[str, Any]:
             magic, length = struct.unpack("<4sI", prefix)
@@ -159,7 +160,7 @@ class NixlTransport(TcpTransport):
             return json.loads(recv_bytes(sock, length))
 
         request = {"op": "nixl_describe", "transfer_id": transfer_id, "wait_s": wait_s, "timeout_s": timeout_s,
-                   "skip_blocks": skip_blocks}
+                   "skip_blocks": skip_blocks, "puller": puller}
         described = self.request(address, request, receive, timeout_s + wait_s)
         frame = base64.b64decode(described["header"])
         header = TransferHeader.decode(frame[8 : 8 + TransferHeader.parse_prefix(frame[:8])])

@@ -27,11 +27,12 @@ from kv_transport.transport.base import (
     Destination,
     Publication,
     PublicationStore,
+    PullContext,
     RateLimiter,
     TransferError,
     Transport,
+    pull_context,
     receive_buffers,
-    requested_skip,
 )
 from kv_transport.wire import PREFIX_SIZE, TransferHeader
 
@@ -119,7 +120,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 op = self.server.ops[name]
                 transfer_id = str(request["transfer_id"])
                 wait_s = min(float(request.get("wait_s", 0.0)), 60.0)
-                requested_skip(request)  # a bad one is refused before the publication is taken
+                pull_context(request)  # a bad one is refused before the publication is taken
             except (ValueError, KeyError, TypeError, ConnectionError):
                 log.warning("tcp transport: unreadable request from %s", self.client_address)
                 return
@@ -135,11 +136,13 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
 
 
-def serve_pull(sock: socket.socket, publication: Publication, store: PublicationStore, skip_blocks: int = 0) -> bool:
+def serve_pull(
+    sock: socket.socket, publication: Publication, store: PublicationStore, context: PullContext | None = None
+) -> bool:
     """Send one publication's frame on ``sock``; False if the connection is unusable."""
     outcome = SEND_FAILED
     try:
-        header, buffers = publication.materialize(skip_blocks)
+        header, buffers = publication.materialize(context or PullContext())
         _send_buffers(sock, [header.encode(), *buffers])
         outcome = PULLED
         return True
@@ -191,7 +194,7 @@ class TcpTransport(Transport):
         self._server = _Server((host, port), _Handler)
         self._server.store = self.store
         self._server.ops = {
-            "pull": lambda sock, pub, req: serve_pull(sock, pub, self.store, requested_skip(req)),
+            "pull": lambda sock, pub, req: serve_pull(sock, pub, self.store, pull_context(req)),
             "release": self._serve_release,
         }
         self._server.link_ops = {}
@@ -218,6 +221,7 @@ class TcpTransport(Transport):
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
         skip_blocks: int = 0,
+        puller: str = "",
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
             header = TransferHeader.decode(recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
@@ -226,7 +230,8 @@ class TcpTransport(Transport):
                 _recv_exact(sock, view, limiter)
             return header, views
 
-        request = {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s, "skip_blocks": skip_blocks}
+        request = {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s,
+                   "skip_blocks": skip_blocks, "puller": puller}
         return self.request(address, request, receive, timeout_s + wait_s)
 
     def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:

@@ -124,14 +124,16 @@ def test_a_puller_that_holds_leading_blocks_gets_only_the_rest(transports):
     layers = [os.urandom(8 * 1024) for _ in range(3)]  # 3 layers x 8 blocks of 1 KiB
     done: list = []
 
-    def materialize(skip_blocks: int = 0):
+    def materialize(context):
+        skip_blocks = context.skip_blocks
+        assert context.puller == "decode-7:5555"
         views = [memoryview(layer)[skip_blocks * 1024 :] for layer in layers]
         header = _header([bytes(v) for v in views], "ranged")
         header.num_blocks, header.first_block = 8 - skip_blocks, skip_blocks
         return header, views
 
     server.publish(Publication("ranged", materialize, lambda t, ok: done.append(ok)))
-    header, received = client.fetch(server.address, "ranged", skip_blocks=5)
+    header, received = client.fetch(server.address, "ranged", skip_blocks=5, puller="decode-7:5555")
     assert (header.first_block, header.num_blocks, header.payload_nbytes) == (5, 3, 3 * 3 * 1024)
     views = split_payload(header, received[0])
     verify(header, views)
