@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.install-stamp-$(subst $(comma),-,$(EXTRAS))
 
 PYTEST_ARGS ?=
 
-.PHONY: install model run up down status test test-unit lint clean
+.PHONY: install model run up down status test test-unit lint loadtest clean
 
 install: $(STAMP)
 
@@ -44,7 +44,12 @@ test-unit: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check control_plane workers routing kv_transport tests
+	$(BIN)/ruff check control_plane workers routing kv_transport loadtest bench tests
+
+# Locust against the running stack (`make run` first); e.g. LOADTEST_ARGS="--shape spike -t 120".
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/tandem loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -59,10 +59,15 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
 
     def pool(role: Role) -> Application:
         worker = settings.worker(role)
+        scaling: dict[str, Any] = (
+            {"autoscaling_config": worker.autoscaling.model_dump(exclude_none=True)}
+            if worker.autoscaling is not None
+            else {"num_replicas": worker.replicas}
+        )
         return (
             WORKER_DEPLOYMENTS[role]
             .options(
-                num_replicas=worker.replicas,
+                **scaling,
                 max_ongoing_requests=worker.max_ongoing_requests,
                 ray_actor_options={
                     "num_cpus": worker.num_cpus,

@@ -342,6 +342,18 @@ def model_prepare(
     console.print(f"model ready: {path}")
 
 
+def _mount_optional_commands() -> None:
+    """Commands whose dependencies come with extras (Locust: the dev or loadtest extra)."""
+    try:
+        from loadtest.cli import loadtest_command
+    except ImportError:
+        return
+    app.command("loadtest", help="Load-test a running stack with Locust (headless).")(loadtest_command)
+
+
+_mount_optional_commands()
+
+
 def main() -> None:
     app()
 

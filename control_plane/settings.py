@@ -53,10 +53,31 @@ class ModelSettings(_Strict):
         return {"temperature": 0.0} if self.path is None else {}
 
 
+class AutoscalingSettings(_Strict):
+    """Ray Serve autoscaling of one pool (Serve's AutoscalingConfig fields)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # Requests in flight per replica Serve aims for.
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
 class WorkerSettings(_Strict):
     """A pool of vLLM engines of one role."""
 
     replicas: int = Field(1, ge=0)
+    # None: a fixed pool of `replicas`; else Serve scales it between the bounds (replicas
+    # joining or leaving are picked up by the router without restarts).
+    autoscaling: AutoscalingSettings | None = None
     # Passed to vLLM's engine arguments as is (same names as `vllm serve` flags, with
     # underscores), e.g. {"gpu_memory_utilization": 0.9, "tensor_parallel_size": 2}.
     engine_args: dict[str, Any] = Field(default_factory=dict)
@@ -74,6 +95,10 @@ class WorkerSettings(_Strict):
     # places prefill replicas only on the nodes (pods) that advertise that resource.
     ray_resources: dict[str, float] = Field(default_factory=dict)
     max_ongoing_requests: int = Field(64, ge=1)
+
+    @property
+    def min_replicas(self) -> int:
+        return self.autoscaling.min_replicas if self.autoscaling is not None else self.replicas
 
 
 class CompressionSettings(_Strict):
@@ -249,9 +274,9 @@ class TandemSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _pools_not_empty(self) -> TandemSettings:
-        if self.mode == "disaggregated" and (self.prefill.replicas < 1 or self.decode.replicas < 1):
+        if self.mode == "disaggregated" and (self.prefill.min_replicas < 1 or self.decode.min_replicas < 1):
             raise ValueError("disaggregated mode needs at least one prefill and one decode replica")
-        if self.mode == "colocated" and self.colocated.replicas < 1:
+        if self.mode == "colocated" and self.colocated.min_replicas < 1:
             raise ValueError("colocated mode needs at least one colocated replica")
         return self
 
@@ -276,7 +301,16 @@ class TandemSettings(BaseSettings):
         return getattr(self, role)
 
     def engine_count(self) -> int:
-        return sum(self.worker(role).replicas for role in self.roles())
+        """Engines at start (autoscaled pools start at initial, else min, replicas)."""
+        total = 0
+        for role in self.roles():
+            worker = self.worker(role)
+            scaling = worker.autoscaling
+            if scaling is None:
+                total += worker.replicas
+            else:
+                total += scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
+        return total
 
     @property
     def binds_loopback(self) -> bool:

@@ -40,10 +40,23 @@ def codec_layout(layout: KVLayout) -> str | None:
         return None
     parts = layout.layers[0].parts
     if len(parts) == 1 and layout.device.type == "cpu" and parts[0].dim() == 4:
+        # The block interior is the attention kernel's own; the codecs know the one its
+        # vec and vec16 ISAs write (K dim-major, V token-major), not AMX's.
+        if _cpu_attention_isa(parts[0].dtype, layout.block_size, parts[0].shape[-1] // 2) not in ("vec", "vec16"):
+            return None
         return codecs.LayoutKind.CPU.value  # [blocks, H, N, 2D]
     if len(parts) == 2 and parts[0].dim() == 4:
         return codecs.LayoutKind.FLASH.value  # K, V: [blocks, N, H, D]
     return None
+
+
+def _cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return _get_attn_isa(dtype, block_size, head_size)
+    except Exception:  # noqa: BLE001 - unknown vLLM build: don't guess the layout
+        return "unknown"
 
 
 def head_dim(layout: KVLayout, kind: str) -> int:

@@ -79,6 +79,18 @@ class HashRing:
         index = bisect.bisect(self._points, self._hash(key)) % len(self._points)
         return self._owners[index]
 
+    def lookup_other(self, key: bytes, other: str) -> str:
+        """The first instance clockwise from the key's point that is not ``other`` (its
+        owner if there is no other)."""
+        if not self._points:
+            raise LookupError("the ring has no instances")
+        start = bisect.bisect(self._points, self._hash(key))
+        for step in range(len(self._points)):
+            owner = self._owners[(start + step) % len(self._points)]
+            if owner != other:
+                return owner
+        return other
+
 
 class DualRing:
     """The two candidate instances of a key, one per independent ring."""
@@ -102,6 +114,15 @@ class DualRing:
     def candidates(self, key: bytes) -> tuple[str, str]:
         """(primary, secondary); equal when both rings agree or only one instance exists."""
         return self.rings[0].lookup(key), self.rings[1].lookup(key)
+
+    def distinct_candidates(self, key: bytes) -> tuple[str, str]:
+        """Like `candidates`, but when the rings agree the secondary is the next other
+        instance on the second ring: two real choices whenever the pool has two
+        instances (with N instances the rings agree for 1/N of keys, half of them at N=2)."""
+        primary, secondary = self.candidates(key)
+        if secondary == primary:
+            secondary = self.rings[1].lookup_other(key, primary)
+        return primary, secondary
 
 
 @dataclass
@@ -157,6 +178,7 @@ def choose(
     slo_ttft_s: float,
     predictor: TTFTPredictor,
     fallback: bool = True,
+    footprint: Mapping[str, float] | None = None,
 ) -> Decision:
     """Pick an instance for one request.
 
@@ -178,8 +200,13 @@ def choose(
     if not healthy:
         raise LookupError("no healthy instance in the pool")
     live = [c for c in dict.fromkeys(candidates) if c in healthy]
-    # Most likely to hold the prefix first; a stable sort keeps ring order on ties.
-    ranked = sorted(live, key=lambda i: -cached_fraction.get(i, 0.0))
+    # Most likely to hold the prefix first; between equals (e.g. a new prefix), the one
+    # predicted to answer sooner (the power of two choices), then the one caching fewer
+    # prefixes (``footprint``: spreads new prefixes over an idle pool); then ring order.
+    footprint = footprint or {}
+    ranked = sorted(
+        live, key=lambda i: (-cached_fraction.get(i, 0.0), predicted(i), footprint.get(i, 0.0))
+    )
     # ranked may hold one candidate (both rings agree, or one is down): strict=False.
     for reason, instance in zip(("affinity", "second_choice"), ranked, strict=False):
         ttft = predicted(instance)

@@ -285,6 +285,8 @@ class DualMapPolicy(RoutingPolicy):
         self._rings = _RingSync(DualRing(vnodes=vnodes))
         # prefix key -> instance that last prefilled it (its prefix cache likely holds it)
         self._recent: OrderedDict[bytes, str] = OrderedDict()
+        # instance -> how many of those keys it holds (its share of the remembered prefixes)
+        self._footprint: dict[str, int] = {}
         # prefix key -> (instance it was moved to by a rebalance, until when)
         self._flipped: dict[bytes, tuple[str, float]] = {}
         # request id -> predicted TTFT at routing time, to calibrate from the observed one
@@ -297,7 +299,7 @@ class DualMapPolicy(RoutingPolicy):
     def candidates(self, key: bytes, loads: Mapping[str, InstanceLoad]) -> tuple[str, str]:
         """The key's two candidates, a recent rebalance target first."""
         self._rings.sync(loads)
-        primary, secondary = self.ring.candidates(key)
+        primary, secondary = self.ring.distinct_candidates(key)
         flipped = self._flipped.get(key)
         if flipped is not None:
             instance, until = flipped
@@ -319,13 +321,19 @@ class DualMapPolicy(RoutingPolicy):
             self.slo_ttft_s,
             self.predictor,
             fallback=self.slo_fallback,
+            footprint=self._footprint,
         )
 
     def on_routed(self, request: RouteRequest, decision: Decision) -> None:
+        previous = self._recent.get(request.prefix_key)
+        if previous is not None:
+            self._footprint[previous] -= 1
         self._recent[request.prefix_key] = decision.instance
+        self._footprint[decision.instance] = self._footprint.get(decision.instance, 0) + 1
         self._recent.move_to_end(request.prefix_key)
         while len(self._recent) > self.memory:
-            self._recent.popitem(last=False)
+            _, evicted = self._recent.popitem(last=False)
+            self._footprint[evicted] -= 1
         if decision.predicted_ttft_s > 0:
             self._predicted[request.request_id] = decision.predicted_ttft_s
             while len(self._predicted) > self.memory:

@@ -24,7 +24,7 @@ from kv_transport.codecs.errors import CodecError
 
 
 class LayoutKind(StrEnum):
-    CPU = "cpu"  # [num_blocks, H, block_size, 2*D], K rows then V rows per (block, head)
+    CPU = "cpu"  # [num_blocks, H, block_size, 2*D]: per (block, head) K as [D, N], then V as [N, D]
     FLASH = "flash"  # [2, num_blocks, block_size, H, D]
 
 
@@ -33,6 +33,18 @@ def _kind(layout: LayoutKind | str) -> LayoutKind:
         return LayoutKind(layout)
     except ValueError:
         raise CodecError(f"unknown KV layout {layout!r}; expected one of {[k.value for k in LayoutKind]}") from None
+
+
+def _cpu_parts(
+    blocks: torch.Tensor, num_blocks: int, heads: int, block_size: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the K and V halves of vLLM CPU blocks. Per (block, head) the kernel
+    (`cpu_attn_reshape_and_cache`, ISAs vec and vec16) stores K dim-major, [D, N], then V
+    token-major, [N, D]: measured on vLLM 0.32, not what the [H, N, 2D] shape suggests."""
+    halves = blocks.reshape(num_blocks, heads, 2, block_size * head_dim)
+    keys = halves[:, :, 0].reshape(num_blocks, heads, head_dim, block_size)
+    values = halves[:, :, 1].reshape(num_blocks, heads, block_size, head_dim)
+    return keys, values
 
 
 def blocks_shape(layout: LayoutKind | str, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -62,12 +74,10 @@ def blocks_to_kv(blocks: torch.Tensor, layout: LayoutKind | str, num_tokens: int
     if not 0 <= num_tokens <= num_blocks * block_size:
         raise CodecError(f"{num_tokens} tokens do not fit in {num_blocks} blocks of {block_size}")
     if _kind(layout) is LayoutKind.CPU:
-        halves = blocks.reshape(num_blocks, heads, 2, block_size, head_dim)
-        # [blocks, H, N, D] -> token-major [blocks * N, H, D] (a copy: the source is head-major).
-        k, v = (
-            halves[:, :, i].permute(0, 2, 1, 3).reshape(num_blocks * block_size, heads, head_dim)[:num_tokens]
-            for i in (0, 1)
-        )
+        keys, values = _cpu_parts(blocks, num_blocks, heads, block_size, head_dim)
+        # -> token-major [blocks * N, H, D] (a copy: the source is head-major).
+        k = keys.permute(0, 3, 1, 2).reshape(num_blocks * block_size, heads, head_dim)[:num_tokens]
+        v = values.permute(0, 2, 1, 3).reshape(num_blocks * block_size, heads, head_dim)[:num_tokens]
         return k, v
     k = blocks[0].reshape(num_blocks * block_size, heads, head_dim)[:num_tokens]
     v = blocks[1].reshape(num_blocks * block_size, heads, head_dim)[:num_tokens]
@@ -100,13 +110,13 @@ def kv_to_blocks(
         out.zero_()
     full, tail = divmod(num_tokens, block_size)
     if _kind(layout) is LayoutKind.CPU:
-        halves = out.view(num_blocks, heads, 2, block_size, head_dim)
-        for i, source in enumerate((k, v)):
-            # Token-major source -> head-major blocks: [blocks, N, H, D] seen as [blocks, H, N, D].
-            if full:
-                halves[:full, :, i].permute(0, 2, 1, 3).copy_(source[: full * block_size].view(full, block_size, heads, head_dim))
-            if tail:
-                halves[full, :, i, :tail].permute(1, 0, 2).copy_(source[full * block_size :])
+        keys, values = _cpu_parts(out, num_blocks, heads, block_size, head_dim)
+        if full:
+            keys[:full].permute(0, 3, 1, 2).copy_(k[: full * block_size].view(full, block_size, heads, head_dim))
+            values[:full].permute(0, 2, 1, 3).copy_(v[: full * block_size].view(full, block_size, heads, head_dim))
+        if tail:
+            keys[full, :, :, :tail].permute(2, 0, 1).copy_(k[full * block_size :])
+            values[full, :, :tail].permute(1, 0, 2).copy_(v[full * block_size :])
         return out
     flat = out.view(2, num_blocks * block_size, heads, head_dim)
     flat[0, :num_tokens] = k

@@ -345,6 +345,14 @@ _BUILTINS = [
         description="8-bit min-max, KIVI axes (keys per channel, values per token), groups of 64",
         quantize=QuantizeSpec(main=_kivi(8, 64)),
     ),
+    Profile(
+        name="int8-token-g32",
+        description="8-bit min-max per token for keys and values, groups of 32: the most "
+        "accurate 8-bit profile (greedy-identical on the calibration prompts)",
+        quantize=QuantizeSpec(
+            main=KVQuant(key=QuantSpec.minmax(8, "token", 32), value=QuantSpec.minmax(8, "token", 32))
+        ),
+    ),
     Profile(name="int6-kivi-g64", description="6-bit min-max, KIVI axes, groups of 64", quantize=QuantizeSpec(main=_kivi(6, 64))),
     Profile(name="int4-kivi-g64", description="4-bit min-max, KIVI axes, groups of 64", quantize=QuantizeSpec(main=_kivi(4, 64))),
     Profile(

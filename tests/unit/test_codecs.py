@@ -734,17 +734,17 @@ def test_a_rotated_blob_header_names_its_seed():
 
 
 def cpu_blocks_by_hand(k: torch.Tensor, v: torch.Tensor, block_size: int) -> torch.Tensor:
-    """vLLM CPU backend semantics, element by element: view [B, H, 2N, D]; row n < N of
-    (block b, head h) is K of token b*N+n, row N+n is its V."""
+    """vLLM's CPU attention kernel writing the cache itself (`cpu_attn_reshape_and_cache`,
+    the op the engine uses): the ground truth of the CPU block interior."""
+    import vllm._custom_ops as ops
+
     tokens, heads, head_dim = k.shape
     num_blocks = -(-tokens // block_size)
-    cache = torch.zeros(num_blocks, heads, 2 * block_size, head_dim, dtype=k.dtype)
-    for token in range(tokens):
-        block, n = divmod(token, block_size)
-        for head in range(heads):
-            cache[block, head, n] = k[token, head]
-            cache[block, head, block_size + n] = v[token, head]
-    return cache.view(num_blocks, heads, block_size, 2 * head_dim)
+    cache = torch.zeros(num_blocks, heads, block_size, 2 * head_dim, dtype=k.dtype)
+    key_cache, value_cache = cache.view(num_blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    isa = "vec" if block_size % 32 == 0 else "vec16"
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.arange(tokens), isa)
+    return cache
 
 
 def flash_blocks_by_hand(k: torch.Tensor, v: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -761,7 +761,7 @@ def flash_blocks_by_hand(k: torch.Tensor, v: torch.Tensor, block_size: int) -> t
 @pytest.mark.parametrize("layout,by_hand", [("cpu", cpu_blocks_by_hand), ("flash", flash_blocks_by_hand)])
 @pytest.mark.parametrize("tokens", [1, 16, 37])
 def test_layout_adapters(layout, by_hand, tokens):
-    k, v = random_kv(tokens=tokens, heads=3, head_dim=8, seed=tokens)
+    k, v = random_kv(tokens=tokens, heads=3, head_dim=32, seed=tokens)
     blocks = by_hand(k, v, 16)
     k2, v2 = blocks_to_kv(blocks, layout, tokens)
     assert torch.equal(k2, k) and torch.equal(v2, v)

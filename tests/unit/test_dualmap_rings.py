@@ -111,3 +111,30 @@ def test_predictor_calibrates_to_observed_ttft():
         predictor.observe("x", predicted, 2.0)
     assert abs(predictor.predict("x", load, 1000) - 2.0) < 0.05
     assert predictor.predict("y", load, 1000) == 1.0  # other instances keep the prior
+
+
+def test_distinct_candidates_always_offer_two_choices():
+    keys = _keys(5_000)
+    for n in (2, 3, 16):
+        dual = DualRing([f"i{k}" for k in range(n)])
+        pairs = [dual.distinct_candidates(k) for k in keys]
+        assert all(a != b for a, b in pairs)
+        # Agreeing keys are rare, so the primary is still the first ring's.
+        assert all(a == dual.candidates(k)[0] for (a, _), k in zip(pairs, keys, strict=True))
+    assert DualRing(["solo"]).distinct_candidates(b"k") == ("solo", "solo")
+
+
+def test_new_prefixes_spread_over_an_idle_pool():
+    """Sequential requests (the pool always idle) with distinct prefixes: the candidate
+    caching fewer prefixes takes each new one, so two instances split them evenly."""
+    from routing.policies import DualMapPolicy, RouteRequest
+
+    policy = DualMapPolicy()
+    loads = {"a": InstanceLoad(), "b": InstanceLoad()}
+    placed = []
+    for k in range(12):
+        request = RouteRequest(f"r{k}", prefix_key([k] * 64), 500)
+        decision = policy.route(request, loads)
+        policy.on_routed(request, decision)
+        placed.append(decision.instance)
+    assert abs(placed.count("a") - placed.count("b")) <= 2

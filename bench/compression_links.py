@@ -1,0 +1,179 @@
+"""KV compression on emulated links: no compression vs static profiles vs the adaptive
+controller, on real prefill/decode workers, in one run.
+
+For each link bandwidth (the connector's per-link token-bucket rate limiter: 0.5, 1, 5, 10,
+25 Gbps and unlimited) one disaggregated app is deployed with adaptive compression; every
+request then either pins a profile (`x-tandem-kv-profile`: identity for "no compression",
+or one of the static profiles) or leaves the choice to the controller. Prompts of 512–2,000
+distinct random tokens (no prefix-cache hits), streamed completions, greedy. Reported: TTFT
+and end-to-end latency medians per (bandwidth, configuration), and each configuration's
+TTFT relative to no compression and to the best static profile.
+
+Needs the profile library (`tandem profile`) for the adaptive controller; without one it can
+only choose identity.
+
+Writes bench/results/compression_links.{json,csv,png}.
+
+    python -m bench.compression_links [--repeats 3] [--gbps 0.5 --gbps 1 ...]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+
+from bench.common import RESULTS, markdown_table, median, write_results
+
+console = Console()
+PORT = 8312
+MODEL = "smollm2-135m-instruct"
+LENGTHS = [512, 1024, 2000]
+STATIC_PROFILES = ["int8-kivi", "int4-kivi-g64", "fp8", "zstd3"]
+# The link speeds of the issue, in Gbps; 0 = no rate limit.
+DEFAULT_GBPS = [0.5, 1.0, 5.0, 10.0, 25.0, 0.0]
+# The SLO class for the adaptive runs: KL budget 0.05 nats lets it use every profile above.
+ADAPTIVE_CLASS = "relaxed"
+
+
+def _prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(200, 48000) for _ in range(length)]
+
+
+async def _stream(client: httpx.AsyncClient, prompt: list[int], headers: dict[str, str]) -> dict[str, float]:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream": True}
+    started = time.perf_counter()
+    first = last = None
+    async with client.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]" and '"text"' in line:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    assert first is not None and last is not None, "no tokens streamed"
+    return {"ttft_s": first - started, "e2e_s": last - started}
+
+
+def _headers(config: str) -> dict[str, str]:
+    if config == "adaptive":
+        return {"x-tandem-slo-class": ADAPTIVE_CLASS}
+    profile = "identity" if config == "none" else config
+    return {"x-tandem-kv-profile": profile, "x-tandem-slo-class": ADAPTIVE_CLASS}
+
+
+async def _measure(url: str, configs: list[str], repeats: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+        # Warm-up; it also gives the controller its first look at the link.
+        for config in configs:
+            await _stream(client, _prompt(rng, 256), _headers(config))
+        for length in LENGTHS:
+            samples: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
+            for _ in range(repeats):
+                # Interleaved, so drift on the shared machine hits every configuration alike.
+                for config in configs:
+                    samples[config].append(await _stream(client, _prompt(rng, length), _headers(config)))
+            for config in configs:
+                rows.append({
+                    "prompt_tokens": length,
+                    "config": config,
+                    "ttft_s": median([s["ttft_s"] for s in samples[config]]),
+                    "e2e_s": median([s["e2e_s"] for s in samples[config]]),
+                })
+    return rows
+
+
+def main(
+    repeats: int = typer.Option(3, help="Requests per point (median reported)."),
+    gbps: list[float] = typer.Option(DEFAULT_GBPS, help="Link speeds in Gbps (0 = unlimited)."),
+    profiles: list[str] = typer.Option(STATIC_PROFILES, help="Static profiles to compare."),
+) -> None:
+    import ray
+    from ray import serve
+
+    from control_plane.app import build_app_from_settings
+    from control_plane.model import prepare_model
+    from control_plane.redis_server import embedded_url, start_embedded
+    from control_plane.settings import load_settings
+
+    prepare_model(None)
+    redis_url = embedded_url() or start_embedded()
+    configs = ["none", *profiles, "adaptive"]
+    ray.init(num_cpus=16, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    rows: list[dict[str, Any]] = []
+    try:
+        for speed in gbps:
+            name = f"bench-links-{str(speed).replace('.', '_')}"
+            rate = speed * 1e9 / 8 if speed > 0 else None
+            settings = load_settings(
+                None, app_name=name, port=PORT, redis_url=redis_url,
+                kv_connector={"rate_limit_bytes_per_s": rate, "compression": {"mode": "adaptive"}},
+            )
+            console.print(f"[bold]{speed or 'unlimited'} Gbps[/]: deploying")
+            serve.run(build_app_from_settings(settings), name=name, route_prefix="/", blocking=False)
+            started = time.perf_counter()
+            for row in asyncio.run(_measure(f"http://127.0.0.1:{PORT}", configs, repeats, seed=11)):
+                rows.append({"gbps": speed if speed > 0 else math.inf, **row})
+            console.print(f"  measured in {time.perf_counter() - started:.0f}s")
+            serve.delete(name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    _relative(rows, profiles)
+    write_results("compression_links", rows, {"repeats": repeats, "statistic": "median", "lengths": LENGTHS,
+                                              "profiles": profiles, "adaptive_slo_class": ADAPTIVE_CLASS})
+    _plot(rows, configs)
+    console.print(markdown_table(rows, list(rows[0])))
+
+
+def _relative(rows: list[dict[str, Any]], profiles: list[str]) -> None:
+    """Each row's TTFT against no compression and against the best static profile at the
+    same bandwidth and prompt length."""
+    groups: dict[tuple[float, int], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["gbps"], row["prompt_tokens"]), {})[row["config"]] = row
+    for group in groups.values():
+        none = group["none"]["ttft_s"]
+        best_static = min(group[p]["ttft_s"] for p in profiles if p in group)
+        for row in group.values():
+            row["ttft_vs_none"] = row["ttft_s"] / none
+            row["ttft_vs_best_static"] = row["ttft_s"] / best_static
+
+
+def _plot(rows: list[dict[str, Any]], configs: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["prompt_tokens"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    speeds = sorted({r["gbps"] for r in rows})
+    labels = ["∞" if math.isinf(s) else f"{s:g}" for s in speeds]
+    for ax, length in zip(axes[0], lengths, strict=True):
+        for config in configs:
+            points = {r["gbps"]: r["ttft_s"] for r in rows if r["prompt_tokens"] == length and r["config"] == config}
+            ax.plot(range(len(speeds)), [points.get(s, math.nan) * 1000 for s in speeds], marker="o",
+                    label=config, linewidth=2.5 if config == "adaptive" else 1.2)
+        ax.set_xticks(range(len(speeds)), labels)
+        ax.set_xlabel("link (Gbps)")
+        ax.set_ylabel("TTFT (ms, median)")
+        ax.set_yscale("log")
+        ax.set_title(f"{length}-token prompts")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "compression_links.png", dpi=120)
+
+
+if __name__ == "__main__":
+    typer.run(main)

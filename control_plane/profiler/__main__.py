@@ -1,0 +1,5 @@
+"""`python -m control_plane.profiler` = `tandem profile`."""
+
+from control_plane.profiler.cli import profile_app
+
+profile_app()
