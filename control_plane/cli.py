@@ -342,6 +342,15 @@ def model_prepare(
     console.print(f"model ready: {path}")
 
 
+def _mount_profiler() -> None:
+    from control_plane.profiler.cli import profile_app
+
+    app.add_typer(profile_app, name="profile", help="Profile the KV compression space for a model on this hardware.")
+
+
+_mount_profiler()
+
+
 def _mount_optional_commands() -> None:
     """Commands whose dependencies come with extras (Locust: the dev or loadtest extra)."""
     try:

@@ -48,7 +48,8 @@ def embedded_url() -> str | None:
     if not _port_file().exists():
         return None
     url = f"redis://127.0.0.1:{_port_file().read_text().strip()}/0"
-    return url if ping(url) else None
+    # A loaded machine can take a while to answer; a false "not running" is worse.
+    return url if ping(url, timeout=3.0) else None
 
 
 def ping(url: str, timeout: float = 0.5) -> bool:

@@ -91,6 +91,10 @@ class CodecChooser:
             return self._resolve(self.static_profile, None)
         return self._resolve(str(decision["profile"]), decision.get("spec"))
 
+    def pinned(self, name: str) -> codecs.Profile | None:
+        """A built-in profile a request asked for by name (identity if unknown)."""
+        return self._resolve(name, None)
+
     def _resolve(self, name: str, spec: dict[str, Any] | None) -> codecs.Profile | None:
         if name == IDENTITY:
             return None

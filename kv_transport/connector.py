@@ -73,6 +73,7 @@ log = init_logger("vllm.tandem.kv")
 PARAMS_KEY = "tandem"
 # Set by the ingress on the prefill request (routing.orchestrator.SLO_CLASS_PARAM).
 SLO_CLASS_PARAM = "tandem_slo_class"
+KV_PROFILE_PARAM = "tandem_kv_profile"
 
 
 @dataclass
@@ -81,6 +82,7 @@ class SendSpec:
     block_ids: list[int]
     num_tokens: int
     slo_class: str = ""  # the request's class: picks the compression profile (adaptive)
+    profile: str = ""  # a profile the request pinned (x-tandem-kv-profile), over any choice
 
 
 @dataclass
@@ -305,7 +307,10 @@ class _SchedulerSide:
             return False, None
         transfer_id = secrets.token_hex(16)  # 128-bit, unguessable, single use
         slo_class = str(params.get(SLO_CLASS_PARAM) or self.c.config.default_slo_class)
-        self._sends[request.request_id] = SendSpec(transfer_id, blocks, num_tokens, slo_class)
+        pinned = params.get(KV_PROFILE_PARAM)
+        self._sends[request.request_id] = SendSpec(
+            transfer_id, blocks, num_tokens, slo_class, pinned if isinstance(pinned, str) else ""
+        )
         return True, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
@@ -375,7 +380,8 @@ class _WorkerSide:
                 raise ValueError(f"puller skips {skip_blocks} of {len(send.block_ids)} blocks")
             # The puller already holds the leading blocks (a local prefix hit): send the rest.
             block_ids = send.block_ids[skip_blocks:]
-            profile = self.codecs.choose(f"{self.local_address}->{context.puller}", send.slo_class)
+            link = f"{self.local_address}->{context.puller}"
+            profile = self.codecs.pinned(send.profile) if send.profile else self.codecs.choose(link, send.slo_class)
             if profile is not None and block_ids:
                 try:
                     carried_tokens = send.num_tokens - skip_blocks * layout.block_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +32,8 @@ from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 log = logging.getLogger("ray.serve")
 
 SLO_CLASS_HEADER = "x-tandem-slo-class"
+KV_PROFILE_HEADER = "x-tandem-kv-profile"
+_PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9.+:_-]{0,79}")
 
 app = FastAPI(title="Tandem", summary="OpenAI-compatible disaggregated prefill/decode serving")
 
@@ -110,6 +113,17 @@ async def _admit(key: auth.KeyRecord) -> None:
     except auth.AuthError as exc:
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
         raise OpenAIError(exc.status, exc.message, code=exc.code, headers=headers) from None
+
+
+def _kv_profile(http: Request) -> str | None:
+    """A compression profile the request pins over the controller's choice (A/B tests,
+    benchmarks); an unknown name is sent uncompressed, a malformed one is a 400."""
+    name = http.headers.get(KV_PROFILE_HEADER)
+    if name is None:
+        return None
+    if not _PROFILE_NAME.fullmatch(name):
+        raise OpenAIError(400, f"malformed profile name in {KV_PROFILE_HEADER}", param=KV_PROFILE_HEADER)
+    return name
 
 
 class _Lease:
@@ -317,7 +331,7 @@ class Ingress:
         deadline = self.settings.routing.request_timeout_s
         try:
             async with asyncio.timeout(deadline):
-                replies = await self._start(endpoint, body, slo_class)
+                replies = await self._start(endpoint, body, slo_class, _kv_profile(http))
                 first = await anext(replies, None)
         except TimeoutError:
             raise OpenAIError(504, f"request timed out after {deadline:.0f}s") from None
@@ -331,8 +345,9 @@ class Ingress:
         if first.kind == RESPONSE:
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
             metrics.REQUESTS.labels(http.url.path, "200").inc()
-            usage = first.body.get("usage") if isinstance(first.body, dict) else None
-            return JSONResponse(first.body, headers=headers), int((usage or {}).get("total_tokens") or 0), False
+            usage = (first.body.get("usage") if isinstance(first.body, dict) else None) or {}
+            metrics.GENERATION_TOKENS.labels(endpoint).inc(int(usage.get("completion_tokens") or 0))
+            return JSONResponse(first.body, headers=headers), int(usage.get("total_tokens") or 0), False
         metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
         stream = StreamingResponse(
             self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, _prompt_tokens(body)),
@@ -355,13 +370,15 @@ class Ingress:
             )
         return slo_class
 
-    async def _start(self, endpoint: str, body: dict[str, Any], slo_class: str) -> AsyncIterator[WorkerReply]:
+    async def _start(
+        self, endpoint: str, body: dict[str, Any], slo_class: str, kv_profile: str | None = None
+    ) -> AsyncIterator[WorkerReply]:
         if self.mode == "colocated":
             assert self.colocated is not None
             return self.colocated.stream(endpoint, body)
         assert self.prefill is not None and self.decode is not None
         prefill_started = time.monotonic()
-        prefill = await run_prefill(self.prefill, endpoint, body, slo_class)
+        prefill = await run_prefill(self.prefill, endpoint, body, slo_class, kv_profile)
         metrics.PREFILL_SECONDS.observe(time.monotonic() - prefill_started)
         if prefill.outcome == PrefillOutcome.CLIENT_ERROR:
             assert prefill.error is not None
@@ -416,6 +433,7 @@ class Ingress:
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
             if chunks > 1:
                 metrics.TPOT.labels(endpoint, self.mode).observe((last_at - first_at) / (chunks - 1))
+            metrics.GENERATION_TOKENS.labels(endpoint).inc(chunks)
             if lease is not None:
                 # Streamed chunks carry about one token each.
                 lease.release(prompt_tokens + chunks)

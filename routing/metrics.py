@@ -30,6 +30,11 @@ TPOT = Histogram(
     ["endpoint", "mode"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5),
 )
+GENERATION_TOKENS = Counter(
+    "tandem:generation_tokens",
+    "Output tokens sent to clients (usage when known, else one per streamed chunk).",
+    ["endpoint"],
+)
 E2E = Histogram(
     "tandem:e2e_request_latency_seconds",
     "Time from request arrival to the last byte of the answer.",

@@ -51,13 +51,17 @@ class PrefillResult:
 # The request's SLO class rides to the prefill worker's connector, which picks the KV
 # compression profile for it when decode pulls.
 SLO_CLASS_PARAM = "tandem_slo_class"
+# A profile the request pins (x-tandem-kv-profile), over the controller's choice.
+KV_PROFILE_PARAM = "tandem_kv_profile"
 
 
-def prefill_body(body: dict[str, Any], slo_class: str | None = None) -> dict[str, Any]:
+def prefill_body(body: dict[str, Any], slo_class: str | None = None, kv_profile: str | None = None) -> dict[str, Any]:
     out = {k: v for k, v in body.items() if k not in ("stream_options", "n", "best_of")}
     params = dict(PREFILL_KV_PARAMS)
     if slo_class is not None:
         params[SLO_CLASS_PARAM] = slo_class
+    if kv_profile is not None:
+        params[KV_PROFILE_PARAM] = kv_profile
     out.update(stream=False, max_tokens=1, kv_transfer_params=params)
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
@@ -68,10 +72,14 @@ def prefill_body(body: dict[str, Any], slo_class: str | None = None) -> dict[str
 
 
 async def run_prefill(
-    pool: WorkerPool, endpoint: str, body: dict[str, Any], slo_class: str | None = None
+    pool: WorkerPool,
+    endpoint: str,
+    body: dict[str, Any],
+    slo_class: str | None = None,
+    kv_profile: str | None = None,
 ) -> PrefillResult:
     try:
-        async for reply in pool.stream(endpoint, prefill_body(body, slo_class)):
+        async for reply in pool.stream(endpoint, prefill_body(body, slo_class, kv_profile)):
             if reply.kind == ERROR:
                 if 400 <= reply.status < 500:
                     return PrefillResult(PrefillOutcome.CLIENT_ERROR, error=reply)

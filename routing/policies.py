@@ -254,7 +254,18 @@ class DualMapPolicy(RoutingPolicy):
     """DualMap: two independent rings give each prefix two candidates; the one likely to
     hold the prefix wins unless its predicted TTFT breaks the SLO, then the other one, then
     the pool's best (SLO-aware fallback). Hot instances shed requests still waiting for
-    them, and the moved prefixes prefer their new instance for ``flip_s``."""
+    them, and the moved prefixes prefer their new instance for ``flip_s``.
+
+    Beyond the paper, each measured in the cluster simulator (docs/simulator.md):
+    ``holders``: remember up to this many instances per prefix, not only the last (one
+    fallback would otherwise make the ring candidates look cold and unravel affinity);
+    ``grow``: those holders join the two candidates, so a hot prefix spreads over the
+    instances that already computed it; ``stay_when_overloaded``: fall back to the pool
+    only if that meets the SLO (when nobody does, keep the cache hit); and
+    ``cold_to_least_loaded``: a prefix nobody holds goes to the least loaded instance of
+    the pool rather than the better of its two candidates. Rebalancing charges a moved
+    request the tokens it would compute where it goes (not the whole prompt on both sides).
+    """
 
     name = "dualmap"
 
@@ -268,6 +279,10 @@ class DualMapPolicy(RoutingPolicy):
         hot_ratio: float = 2.0,
         hot_min_tokens: int = 2048,
         flip_s: float = 30.0,
+        holders: int = 4,
+        grow: bool = True,
+        stay_when_overloaded: bool = True,
+        cold_to_least_loaded: bool = True,
         memory: int = 65536,
         vnodes: int = DEFAULT_VNODES,
         clock: Callable[[], float] = time.monotonic,
@@ -279,18 +294,24 @@ class DualMapPolicy(RoutingPolicy):
         self.hot_ratio = hot_ratio
         self.hot_min_tokens = hot_min_tokens
         self.flip_s = flip_s
+        self.holders = max(1, holders)
+        self.grow = grow
+        self.stay_when_overloaded = stay_when_overloaded
+        self.cold_to_least_loaded = cold_to_least_loaded
         self.memory = memory
         self.clock = clock
         self.predictor = TTFTPredictor(prior_tokens_per_s=prior_tokens_per_s, fixed_s=fixed_s)
         self._rings = _RingSync(DualRing(vnodes=vnodes))
-        # prefix key -> instance that last prefilled it (its prefix cache likely holds it)
-        self._recent: OrderedDict[bytes, str] = OrderedDict()
-        # instance -> how many of those keys it holds (its share of the remembered prefixes)
+        # prefix key -> instances that recently prefilled it (their caches likely hold it),
+        # most recent last
+        self._holders: OrderedDict[bytes, OrderedDict[str, None]] = OrderedDict()
+        # instance -> how many remembered prefixes it holds (spreads new prefixes)
         self._footprint: dict[str, int] = {}
         # prefix key -> (instance it was moved to by a rebalance, until when)
         self._flipped: dict[bytes, tuple[str, float]] = {}
-        # request id -> predicted TTFT at routing time, to calibrate from the observed one
-        self._predicted: OrderedDict[str, float] = OrderedDict()
+        # request id -> (predicted TTFT, uncached tokens) at routing time: calibration from
+        # the observed TTFT, and what a move off its instance relieves
+        self._routed: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
     @property
     def ring(self) -> DualRing:
@@ -309,40 +330,76 @@ class DualMapPolicy(RoutingPolicy):
                 return instance, primary
         return primary, secondary
 
+    def holders_of(self, key: bytes) -> list[str]:
+        return list(self._holders.get(key, ()))
+
     def route(self, request: RouteRequest, loads: Mapping[str, InstanceLoad]) -> Decision:
         key = request.prefix_key
-        recent = self._recent.get(key)
-        cached = {recent: request.cacheable_fraction} if recent in loads else {}
-        return choose(
-            self.candidates(key, loads),
-            loads,
-            request.prompt_tokens,
-            cached,
-            self.slo_ttft_s,
-            self.predictor,
-            fallback=self.slo_fallback,
-            footprint=self._footprint,
-        )
+        fraction = request.cacheable_fraction
+        held = [i for i in self.holders_of(key) if i in loads]
+        cached = {i: fraction for i in held}
+        candidates = list(self.candidates(key, loads))
+        if self.grow:
+            candidates += reversed(held)
+        # (Without the SLO fallback, an ablation, choices never leave the candidates.)
+        if not self.cold_to_least_loaded or cached or not self.slo_fallback:
+            decision = choose(
+                tuple(dict.fromkeys(candidates)),
+                loads,
+                request.prompt_tokens,
+                cached,
+                self.slo_ttft_s,
+                self.predictor,
+                fallback=self.slo_fallback,
+                footprint=self._footprint,
+            )
+            if decision.reason != "fallback" or not self.stay_when_overloaded or decision.predicted_ttft_s <= self.slo_ttft_s:
+                return decision
+            # Nobody meets the SLO: keep a cache hit rather than add work elsewhere.
+            live = [c for c in dict.fromkeys(candidates) if c in loads and loads[c].healthy]
+            if live:
+                stay = min(live, key=lambda i: self._predict(i, loads, request, cached))
+                return Decision(stay, "overloaded_stay", self._predict(stay, loads, request, cached),
+                                self._uncached(stay, request, cached))
+            return decision
+        # A prefix nobody holds: no affinity to keep, so the pool's least loaded takes it
+        # (the one caching fewer prefixes among equals).
+        healthy = healthy_instances(loads)
+        best = min(healthy, key=lambda i: (self._predict(i, loads, request, cached), self._footprint.get(i, 0)))
+        return Decision(best, "cold", self._predict(best, loads, request, cached), request.prompt_tokens)
+
+    def _uncached(self, instance: str, request: RouteRequest, cached: Mapping[str, float]) -> int:
+        return int(request.prompt_tokens * (1.0 - cached.get(instance, 0.0)))
+
+    def _predict(self, instance: str, loads: Mapping[str, InstanceLoad], request: RouteRequest,
+                 cached: Mapping[str, float]) -> float:
+        return self.predictor.predict(instance, loads[instance], self._uncached(instance, request, cached))
 
     def on_routed(self, request: RouteRequest, decision: Decision) -> None:
-        previous = self._recent.get(request.prefix_key)
-        if previous is not None:
-            self._footprint[previous] -= 1
-        self._recent[request.prefix_key] = decision.instance
-        self._footprint[decision.instance] = self._footprint.get(decision.instance, 0) + 1
-        self._recent.move_to_end(request.prefix_key)
-        while len(self._recent) > self.memory:
-            _, evicted = self._recent.popitem(last=False)
-            self._footprint[evicted] -= 1
-        if decision.predicted_ttft_s > 0:
-            self._predicted[request.request_id] = decision.predicted_ttft_s
-            while len(self._predicted) > self.memory:
-                self._predicted.popitem(last=False)
+        key = request.prefix_key
+        held = self._holders.get(key)
+        if held is None:
+            held = self._holders[key] = OrderedDict()
+        if decision.instance not in held:
+            self._footprint[decision.instance] = self._footprint.get(decision.instance, 0) + 1
+        held[decision.instance] = None
+        held.move_to_end(decision.instance)
+        while len(held) > self.holders:
+            dropped, _ = held.popitem(last=False)
+            self._footprint[dropped] -= 1
+        self._holders.move_to_end(key)
+        while len(self._holders) > self.memory:
+            _, forgotten = self._holders.popitem(last=False)
+            for instance in forgotten:
+                self._footprint[instance] -= 1
+        self._routed[request.request_id] = (decision.predicted_ttft_s, decision.uncached_tokens or request.prompt_tokens)
+        while len(self._routed) > self.memory:
+            self._routed.popitem(last=False)
 
     def on_completed(self, request_id: str, instance: str, ttft_s: float | None = None) -> None:
-        predicted = self._predicted.pop(request_id, None)
-        if predicted is not None and ttft_s is not None:
-            self.predictor.observe(instance, predicted, ttft_s)
+        routed = self._routed.pop(request_id, None)
+        if routed is not None and ttft_s is not None and routed[0] > 0:
+            self.predictor.observe(instance, routed[0], ttft_s)
 
     def is_hot(self, load_tokens: float, mean_tokens: float) -> bool:
         """Per instance, relative to the pool: never a fleet-wide max−min gate."""
@@ -356,11 +413,17 @@ class DualMapPolicy(RoutingPolicy):
         healthy = [i for i, load in loads.items() if load.healthy]
         if len(healthy) < 2:
             return []
+
+        def relief(request: RouteRequest) -> int:
+            # What it would compute where it waits (its routed estimate).
+            routed = self._routed.get(request.request_id)
+            return routed[1] if routed is not None else request.prompt_tokens
+
         # Load = work already sent plus work waiting at the router for the instance.
         work = {i: float(loads[i].queued_prefill_tokens) for i in healthy}
         for instance, requests in waiting.items():
             if instance in work:
-                work[instance] += sum(r.prompt_tokens for r in requests)
+                work[instance] += sum(relief(r) for r in requests)
         mean = sum(work.values()) / len(work)
         moves: list[tuple[RouteRequest, Decision]] = []
         for hot, requests in waiting.items():
@@ -368,14 +431,22 @@ class DualMapPolicy(RoutingPolicy):
             for request in reversed(requests):
                 if hot not in work or not self.is_hot(work[hot], mean):
                     break
-                target = min(healthy, key=work.__getitem__)
-                if work[target] + request.prompt_tokens >= work[hot]:
+                held = set(self.holders_of(request.prefix_key))
+                fraction = request.cacheable_fraction
+
+                def cost(target: str, request: RouteRequest = request, held: set[str] = held,
+                         fraction: float = fraction) -> int:
+                    return int(request.prompt_tokens * (1.0 - (fraction if target in held else 0.0)))
+
+                target = min((i for i in healthy if i != hot), key=lambda i: work[i] + cost(i))
+                added = cost(target)
+                if work[target] + added >= work[hot]:
                     break  # moving would only make the target the new hotspot
-                work[hot] -= request.prompt_tokens
-                work[target] += request.prompt_tokens
+                work[hot] -= relief(request)
+                work[target] += added
                 self._flipped[request.prefix_key] = (target, self.clock() + self.flip_s)
-                predicted = self.predictor.predict(target, loads[target], request.prompt_tokens)
-                moves.append((request, Decision(target, "rebalance", predicted, request.prompt_tokens)))
+                predicted = self.predictor.predict(target, loads[target], added)
+                moves.append((request, Decision(target, "rebalance", predicted, added)))
         return moves
 
 

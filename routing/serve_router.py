@@ -88,13 +88,25 @@ def session_id(body: dict[str, Any] | None) -> str | None:
     return None
 
 
+def prefix_key_of(body: dict[str, Any], shared: str, prefix_chars: int) -> bytes:
+    """The routing key: a conversation with earlier turns is keyed by its opening (system
+    prompt and first user message), so each session keeps its own home and its later turns
+    find their history cached there; otherwise the shared prefix (the system prompt), so
+    the requests of one application meet."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) >= 3:
+        opening = "".join(_message_text(m) for m in messages[:2])
+        return b"session:" + xxhash.xxh128_digest(opening.encode("utf-8", "surrogatepass"))
+    return text_prefix_key(shared, prefix_chars)
+
+
 def route_request(pending_request: PendingRequest, prefix_chars: int, with_blocks: bool) -> RouteRequest:
     shared, whole = request_text(pending_request)
     body = request_body(pending_request) or {}
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     return RouteRequest(
         request_id=pending_request.metadata.internal_request_id,
-        prefix_key=text_prefix_key(shared, prefix_chars),
+        prefix_key=prefix_key_of(body, shared, prefix_chars),
         prompt_tokens=max(1, len(whole) // CHARS_PER_TOKEN),
         prefix_tokens=max(1, len(shared) // CHARS_PER_TOKEN),
         blocks=text_blocks(whole) if with_blocks else (),

@@ -23,7 +23,7 @@ REFERENCE_APP = "reference"
 # exercised end to end.
 NIXL_APP = "nixl"
 NIXL_PREFILL_REPLICAS = 2
-NIXL_PROFILE = "int8-token-g32"
+NIXL_PROFILE = "int8-token-g32-recent32"
 # An ingress with API keys on and tight admission limits, in front of the reference app's
 # engine (no engine of its own).
 SECURE_APP = "secure"

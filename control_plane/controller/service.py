@@ -17,6 +17,7 @@ from ray import serve
 from control_plane.controller.library import costs_from_library, load_library, specs_from_library
 from control_plane.controller.policy import CompressionController, SLOClass, TransferObservation
 from control_plane.settings import settings_from_dict
+from control_plane.state import WorkerRegistry
 from kv_transport.decisions import decision_key
 from kv_transport.telemetry import TELEMETRY_STREAM
 
@@ -64,6 +65,7 @@ class ControllerLoop:
         self.typical_bytes: dict[str, float] = {}
         self.decisions: dict[str, dict[str, Any]] = {}
         self.observed = 0
+        self.metrics = ControllerMetrics()
         self._last_id: Any = None  # stream position; None until the first step
 
     def observe(self, observation: TransferObservation) -> None:
@@ -75,8 +77,12 @@ class ControllerLoop:
 
     def decide(self) -> dict[str, dict[str, Any]]:
         for link, raw in self.typical_bytes.items():
+            self.metrics.bandwidth.labels(link).set(self.policy.bandwidth.bandwidth(link))
             for slo_class in self.policy.classes:
                 choice = self.policy.choose(link, slo_class, raw)
+                previous = self.decisions.get(f"{link}|{slo_class}")
+                if previous is None or previous["profile"] != choice.profile:
+                    self.metrics.changed(link, slo_class, previous and previous["profile"], choice.profile)
                 self.decisions[f"{link}|{slo_class}"] = {
                     "link": link,
                     "slo_class": slo_class,
@@ -116,6 +122,39 @@ class ControllerLoop:
         return count
 
 
+class ControllerMetrics:
+    """The controller's Prometheus families (published on its Redis heartbeat, merged into
+    the ingress's /metrics like a worker's)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.decision = Gauge(
+            "tandem:compression_decision", "1 for the profile the controller chose per link and SLO class.",
+            ["link", "slo_class", "profile"], registry=self.registry,
+        )
+        self.changes = Counter(
+            "tandem:compression_decision_changes", "Times the chosen profile of a link and SLO class changed.",
+            ["link", "slo_class"], registry=self.registry,
+        )
+        self.bandwidth = Gauge(
+            "tandem:link_bandwidth_bytes_per_second", "The controller's bandwidth estimate per link.",
+            ["link"], registry=self.registry,
+        )
+
+    def changed(self, link: str, slo_class: str, old: str | None, new: str) -> None:
+        if old is not None:
+            self.decision.remove(link, slo_class, old)
+            self.changes.labels(link, slo_class).inc()
+        self.decision.labels(link, slo_class, new).set(1)
+
+    def exposition(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+
 @serve.deployment(name="CompressionController", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
 class CompressionControllerDeployment:
     def __init__(self, settings: dict[str, Any]):
@@ -123,7 +162,9 @@ class CompressionControllerDeployment:
 
         self.loop = ControllerLoop(settings)
         self._client = aioredis.Redis.from_url(self.loop.settings.redis_url)
+        self._registry = WorkerRegistry(self.loop.settings.redis_url, self.loop.settings.app_name)
         self._task = asyncio.create_task(self._run())
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("compression controller: %d profiles known", len(self.loop.costs))
 
     async def _run(self) -> None:
@@ -135,6 +176,19 @@ class CompressionControllerDeployment:
             except (redis.RedisError, OSError) as exc:
                 log.warning("compression controller: Redis unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+
+    async def _heartbeat_loop(self) -> None:
+        # Like a worker's: `tandem status` lists it and /metrics merges its families.
+        while True:
+            entry = {
+                "replica_id": "compression-controller",
+                "role": "controller",
+                "heartbeat_at": time.time(),
+                "stats": {"observed": self.loop.observed, "links": len(self.loop.typical_bytes)},
+                "metrics": self.loop.metrics.exposition(),
+            }
+            await self._registry.publish("compression-controller", entry)
+            await asyncio.sleep(5.0)
 
     async def status(self) -> dict[str, Any]:
         return {

@@ -136,7 +136,7 @@ def run_profile(
 ) -> ProfileRun:
     """Profile codecs on a model and this hardware and publish the library.
 
-    `quick`: 2 shortest prompts, 8 trials of each search, a 6-point grid, 1 repeat, small
+    `quick`: 2 shortest prompts, 8 trials of each search, a 6-point grid, 3 repeats, small
     speed sizes; by default it stores nothing (a smoke run must not replace a real
     library). `store` (default: not quick) writes the library with `store_library` (disk,
     and Redis when `redis_url` is given or the embedded Redis is up); `results` (default:
@@ -146,7 +146,10 @@ def run_profile(
     from control_plane.controller.library import library_path, store_library
     from control_plane.model import resolve_model
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console.width = 200  # logs: room for the profile names instead of wrapping them
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -209,8 +212,9 @@ def run_profile(
     grid_trace = next((t for t in traces if t.method == "grid"), None)
     curves = hypervolume_curves(traces, evaluator)
     target = curves["grid"][-1] if grid_trace is not None and curves["grid"] else max((c[-1] for c in curves.values() if c), default=0.0)
-    # Equal-budget comparison at the Bayesian search's budget (40 trials by default).
-    budget = trials or None
+    # Equal-budget comparison: every search's hypervolume after as many distinct
+    # evaluations as the exhaustive grid needed.
+    budget = len(grid_list) or trials or None
     comparison = [search_summary(trace, evaluator, target, budget) for trace in traces]
     import optuna
 
@@ -249,7 +253,10 @@ def run_profile(
         out_dir.mkdir(parents=True, exist_ok=True)
         if out is not None:
             (out_dir / f"{name}.json").write_text(json.dumps(library, indent=2))
-        run.plot_path = pareto_figure(library, out_dir / f"{name}.pareto.png")
+        try:
+            run.plot_path = pareto_figure(library, out_dir / f"{name}.pareto.png")
+        except ImportError:  # matplotlib is a dev extra: the library matters, the plot is a bonus
+            console.print("[yellow]matplotlib is not installed: no Pareto plot")
     if results and comparison:
         run.results_paths = _write_bench_results(library, comparison, curves, target, meta)
 
@@ -274,7 +281,10 @@ def _write_bench_results(library: dict[str, Any], comparison: list[dict[str, Any
     extra = {**{k: v for k, v in meta.items() if k != "comparison"}, "model": library["model"],
              "hardware": library["hardware"], "hypervolume_curves": curves, "pareto_set": front}
     json_path, csv_path = write_results(RESULTS_NAME, comparison, extra)
-    png = pareto_figure(library, RESULTS / f"{RESULTS_NAME}.png", curves, target)
+    try:
+        png = pareto_figure(library, RESULTS / f"{RESULTS_NAME}.png", curves, target)
+    except ImportError:
+        return [json_path, csv_path]
     return [json_path, csv_path, png]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from control_plane.profiler.pareto import pareto_mask
+from control_plane.profiler.pareto import normalised_objectives, pareto_mask
 from control_plane.profiler.search import IDENTITY, Evaluation
 
 
@@ -65,7 +65,17 @@ def library_entry(evaluation: Evaluation, pareto: bool) -> dict[str, Any]:
 
 
 def pareto_flags(evaluations: Sequence[Evaluation]) -> list[bool]:
-    return pareto_mask([e.normalised for e in evaluations])
+    """The 3-D Pareto set as the controller sees it. Identity is sent raw (ratio 1, no codec
+    time, no loss), so a profile that does not compress can at best tie with it: only
+    identity stays (ties would otherwise keep both, the normalisation clips at ratio 1)."""
+    points = [
+        normalised_objectives(1.0, 0.0, 0.0) if e.profile.name == IDENTITY else e.normalised
+        for e in evaluations
+    ]
+    return [
+        e.profile.name == IDENTITY or (flag and e.ratio > 1.0)
+        for e, flag in zip(evaluations, pareto_mask(points), strict=True)
+    ]
 
 
 def build_library(

@@ -64,8 +64,12 @@ def pareto_figure(library: Mapping[str, Any], path: Path, hv_curves: Mapping[str
     import matplotlib.pyplot as plt
 
     entries = [e for e in library["profiles"] if "seconds_per_mb" in e and e.get("note") is None]
-    panels = 4 if hv_curves else 3
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6))
+    if hv_curves:
+        fig, grid = plt.subplots(2, 2, figsize=(12, 9.5))
+        axes = list(grid.flat)
+    else:
+        fig, row = plt.subplots(1, 3, figsize=(15.6, 4.6))
+        axes = list(row)
     for index, (x, y) in enumerate(_PAIRS):
         _projection(axes[index], entries, x, y, label_front=(x, y) == (0, 2))
     axes[0].legend(fontsize=7)

@@ -348,9 +348,18 @@ _BUILTINS = [
     Profile(
         name="int8-token-g32",
         description="8-bit min-max per token for keys and values, groups of 32: the most "
-        "accurate 8-bit profile (greedy-identical on the calibration prompts)",
+        "accurate plain 8-bit profile",
         quantize=QuantizeSpec(
             main=KVQuant(key=QuantSpec.minmax(8, "token", 32), value=QuantSpec.minmax(8, "token", 32))
+        ),
+    ),
+    Profile(
+        name="int8-token-g32-recent32",
+        description="as int8-token-g32, the last 32 tokens raw (KIVI's full-precision window): "
+        "robust to the near-ties where plain int8 can flip a greedy token of a small model",
+        quantize=QuantizeSpec(
+            main=KVQuant(key=QuantSpec.minmax(8, "token", 32), value=QuantSpec.minmax(8, "token", 32)),
+            recent_tokens=32,
         ),
     ),
     Profile(name="int6-kivi-g64", description="6-bit min-max, KIVI axes, groups of 64", quantize=QuantizeSpec(main=_kivi(6, 64))),

@@ -16,6 +16,7 @@ progress only while one of its transfers is in flight.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import logging
 import socket
@@ -218,11 +219,17 @@ class NixlTransport(TcpTransport):
 
     def close(self) -> None:
         super().close()
+        if self.agent is None:
+            return
         for name in self._known_agents:
             try:
                 self.agent.remove_remote_agent(name)
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
+        # Destroy the agent (and its UCX threads) now: left to the interpreter's exit, a
+        # thread of it can wake up during finalisation and abort the process.
+        self.agent = None
+        gc.collect()
 
 
 def _pair_descriptors(

@@ -34,8 +34,8 @@ def test_a_valid_key_is_served_through_the_sdk(cluster):
     client = openai.OpenAI(base_url=f"{cluster.secure_url}/v1", api_key=SECURE_KEY, max_retries=0)
     reply = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, temperature=0)
     assert reply.choices[0].message.content
-    stream = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, stream=True)
-    assert any(chunk.choices and chunk.choices[0].delta.content for chunk in stream)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, stream=True))
+    assert any(chunk.choices and chunk.choices[0].delta.content for chunk in chunks)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{cluster.secure_url}/v1", api_key="tk-bad", max_retries=0).models.list()
 
@@ -54,6 +54,7 @@ def test_a_created_key_with_a_request_limit_gets_429_with_retry_after(cluster, s
         codes = [r.status_code for r in responses]
         assert codes[:2] == [200, 200] and set(codes) <= {200, 429} and 429 in codes, codes
         limited = next(r for r in responses if r.status_code == 429)
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
         assert int(limited.headers["retry-after"]) >= 1
         assert limited.json()["error"]["type"] == "rate_limit_error"
     finally:

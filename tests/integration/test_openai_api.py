@@ -116,6 +116,9 @@ def test_prometheus_metrics_count_requests(http, openai_client):
         pass
     text = http.get("/metrics").text
     assert 'tandem:time_per_output_token_seconds_count{endpoint="completions",mode="disaggregated"}' in text
+    assert 'tandem:generation_tokens_total{endpoint="completions"}' in text
+    # The engines' own vLLM metrics pass through, labelled by role and replica.
+    assert "vllm:num_requests_running{" in text and 'role="decode"' in text
     assert 'tandem:requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "tandem:e2e_request_latency_seconds_bucket" in text
     assert "tandem:prefill_step_seconds_count" in text

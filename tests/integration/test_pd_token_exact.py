@@ -36,7 +36,9 @@ def transport_app(request, cluster):
     """(app name, client) of a disaggregated app per KV transport."""
     if request.param == "tcp":
         return cluster.app_name, OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0)
-    return NIXL_APP, OpenAI(base_url=f"{cluster.nixl_url}/v1", api_key="unused", max_retries=0)
+    # The nixl app compresses by default; this test is about the transport: pin identity.
+    return NIXL_APP, OpenAI(base_url=f"{cluster.nixl_url}/v1", api_key="unused", max_retries=0,
+                            default_headers={"x-tandem-kv-profile": "identity"})
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: p[:24])

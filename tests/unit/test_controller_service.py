@@ -72,6 +72,9 @@ def test_slow_link_gets_compression_and_connectors_read_it(redis_url):
     assert redis.Redis.from_url(redis_url).ttl(decision_key("tandem", "p:1->d:2", "standard")) > 0
     exact = json.loads(redis.Redis.from_url(redis_url).get(decision_key("tandem", "p:1->d:2", "exact")))
     assert exact["profile"] == "identity"  # lossy profiles are outside the exact budget
+    exposition = loop.metrics.exposition()
+    assert 'tandem:compression_decision{link="p:1->d:2",profile="int4",slo_class="standard"} 1.0' in exposition
+    assert 'tandem:link_bandwidth_bytes_per_second{link="p:1->d:2"}' in exposition
 
     cache = DecisionCache(redis_url, "tandem", cache_s=0.0)
     assert cache.profile("p:1->d:2", "standard") == "int4"

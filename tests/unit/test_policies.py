@@ -38,16 +38,23 @@ def route(policy, req, loads):
 def test_dualmap_sticks_while_the_slo_holds_then_falls_back():
     policy = DualMapPolicy(slo_ttft_s=1.0, prior_tokens_per_s=10_000)
     loads = pool(8)
-    home = route(policy, request("a", 7), loads).instance
+    first = route(policy, request("a", 7), loads)
+    assert first.reason == "cold"  # nobody holds the prefix: the least loaded takes it
+    home = first.instance
     again = route(policy, request("b", 7, user=1), loads)
     assert again.instance == home and again.reason == "affinity"
     assert again.uncached_tokens == 400  # the 600 shared tokens are expected cached
     # Both candidates far past the SLO: the pool's least loaded instance takes it.
-    primary, secondary = policy.ring.candidates(request("c", 7).prefix_key)
+    # The candidates and the instance holding the prefix all far past the SLO: the pool's
+    # least loaded instance takes it.
+    primary, secondary = policy.candidates(request("c", 7).prefix_key, loads)
     hot = InstanceLoad(queued_prefill_tokens=50_000)
-    loads = pool(8, **{primary: hot, secondary: hot})
+    loads = pool(8, **{primary: hot, secondary: hot, home: hot})
     fallback = policy.route(request("c", 7, user=2), loads)
-    assert fallback.reason == "fallback" and fallback.instance not in (primary, secondary)
+    assert fallback.reason == "fallback" and fallback.instance not in (primary, secondary, home)
+    # Everyone past the SLO: it stays with the cache hit instead (nothing would meet it).
+    everyone = {name: hot for name in loads}
+    assert policy.route(request("d", 7, user=3), everyone).reason == "overloaded_stay"
 
 
 def test_dualmap_without_slo_fallback_never_leaves_the_candidates():

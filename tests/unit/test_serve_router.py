@@ -98,10 +98,10 @@ async def test_decisions_are_counted():
         ) or 0.0
 
     router = _router()
-    before = count("affinity")
+    before = count("cold"), count("affinity")
     await _route(router, [_replica(f"r{i}") for i in range(3)], _request("s", "q", "m0"))
     await _route(router, [_replica(f"r{i}") for i in range(3)], _request("s", "q2", "m1"))
-    assert count("affinity") == before + 2
+    assert (count("cold"), count("affinity")) == (before[0] + 1, before[1] + 1)
 
 
 async def test_a_full_replica_sheds_its_waiting_requests_on_retry():
@@ -170,3 +170,16 @@ def test_session_identity():
     assert session_id(turn2) == session_id(turn3) is not None
     assert session_id({"messages": opening}) is None  # a single turn has no session yet
     assert session_id({"messages": opening, "user": "alice"}) == "user:alice"
+
+
+def test_sessions_are_keyed_by_their_opening_single_turns_by_their_system_prompt():
+    from routing.serve_router import prefix_key_of
+
+    system = {"role": "system", "content": "You are terse. " * 200}  # longer than the key's reach
+    one = {"messages": [system, {"role": "user", "content": "hi"}]}
+    other = {"messages": [system, {"role": "user", "content": "bye"}]}
+    assert prefix_key_of(one, "system:" + system["content"], 1024) == prefix_key_of(other, "system:" + system["content"], 1024)
+    turn2 = {"messages": [*one["messages"], {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]}
+    turn3 = {"messages": [*turn2["messages"], {"role": "assistant", "content": "sure"}, {"role": "user", "content": "again"}]}
+    other2 = {"messages": [*other["messages"], {"role": "assistant", "content": "ciao"}, {"role": "user", "content": "x"}]}
+    assert prefix_key_of(turn2, "", 1024) == prefix_key_of(turn3, "", 1024) != prefix_key_of(other2, "", 1024)
