@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.cluster_sim.cost_model import CostModel
-from bench.cluster_sim.experiments import EXPERIMENTS, DualMapExperiment
 from bench.cluster_sim.ray_prefix_affinity import RayPrefixAffinityPolicy
 from bench.cluster_sim.simulator import ClusterSim, SimConfig, SimResult
 from bench.cluster_sim.workloads import Workload, token_text
@@ -31,12 +30,6 @@ def policy_spec(name: str, workload: Workload) -> tuple[Any, dict[str, Any]]:
         return "dualmap", {"slo_fallback": False}
     if name == "dualmap_no_rebalance":
         return "dualmap", {"rebalance": False}
-    if name in EXPERIMENTS:
-
-        def experiment(sim: ClusterSim) -> DualMapExperiment:
-            return DualMapExperiment(**sim.policy_defaults(), **EXPERIMENTS[name])
-
-        return experiment, {}
     if name == "ray_prefix_affinity":
         by_id = {spec.route.request_id: spec for spec in workload.requests}
 

@@ -278,8 +278,10 @@ def test_every_request_finishes_and_the_load_view_drains(small_shared_prefix):
     assert all(load.queued_prefill_tokens == 0 and load.running == 0 for load in sim.loads.values())
     assert all(load.queued_prefill_tokens == 0 and load.running == 0 for load in sim.sent_loads.values())
     assert sim.waiting_count == 0 and all(not q for q in sim.waiting.values())
-    # Overloaded (20/s on 4 small instances) with back-pressure: DualMap moved waiting requests.
-    assert result.rebalance_moves > 0
+    # Overloaded (20/s on 4 small instances) with back-pressure: every decision is one of
+    # DualMap's (rebalancing itself is tested on scripted states in test_policies.py).
+    assert set(result.reasons) <= {"cold", "affinity", "second_choice", "fallback", "rebalance", "overloaded_stay"}
+    assert result.reasons.get("affinity", 0) > result.requests // 2
     assert result.ttft_p50_s <= result.ttft_p90_s <= result.ttft_p99_s
     # No request is faster than its own unloaded prefill of the uncached part.
     assert result.ttft_p50_s > TOY.prefill_fixed_s
@@ -297,17 +299,16 @@ def test_ray_baseline_runs_in_the_simulator(small_shared_prefix):
     assert set(result.reasons) <= {"prefix_match", "smallest_tenant", "power_of_two"}
 
 
-def test_dualmap_experiment_credits_every_recent_holder():
-    from bench.cluster_sim.experiments import DualMapExperiment
+def test_dualmap_credits_every_recent_holder():
     from routing.dualmap import Decision
+    from routing.policies import DualMapPolicy
 
-    stock = DualMapExperiment(clock=lambda: 0.0)
-    several = DualMapExperiment(holders=4, clock=lambda: 0.0)
-    loads = {f"p{i}": InstanceLoad() for i in range(4)}
+    one = DualMapPolicy(holders=1, clock=lambda: 0.0)
+    several = DualMapPolicy(holders=4, clock=lambda: 0.0)
     request = RouteRequest("a", b"key", prompt_tokens=1000, prefix_tokens=800)
-    for policy in (stock, several):
+    for policy in (one, several):
         for instance in ("p0", "p1", "p2"):
             policy.on_routed(request, Decision(instance, "affinity", 0.1, 200))
-    # The stock memory keeps only the last instance; the experiment keeps all three.
-    assert stock._cached_fraction(request, loads) == {"p2": 0.8}
-    assert several._cached_fraction(request, loads) == {"p0": 0.8, "p1": 0.8, "p2": 0.8}
+    # One holder remembers only the last instance; four keep all three.
+    assert one.holders_of(b"key") == ["p2"]
+    assert several.holders_of(b"key") == ["p0", "p1", "p2"]
