@@ -7,9 +7,18 @@ Each series carries `role` and `replica` labels so replicas never collide.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -57,6 +66,10 @@ class WorkerMetrics:
         self.waiting = Gauge("tandem:engine_waiting_requests", "Requests waiting in the engine.", base, registry=self.registry)
         self.kv_usage = Gauge("tandem:engine_kv_cache_usage", "Fraction of KV blocks in use.", base, registry=self.registry)
 
+        # vLLM's own metrics (its Prometheus logger registers them in this process's
+        # default registry), passed through with this replica's labels.
+        self.registry.register(_VllmPassthrough(self._base))
+
     def record_transfer(self, record: dict[str, Any]) -> None:
         labels = {**self._base, "link": record["link"], "transport": record["transport"], "codec": record["codec"]}
         self.transfers.labels(**labels, outcome="ok" if record["ok"] else "failed").inc()
@@ -80,3 +93,20 @@ class WorkerMetrics:
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+class _VllmPassthrough:
+    """Re-exports the process's `vllm:*` families with role and replica labels, so the
+    engines' metrics of every replica can share one scrape without colliding."""
+
+    def __init__(self, labels: dict[str, str]):
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if not family.name.startswith("vllm:"):
+                continue
+            out = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                out.add_sample(sample.name, {**sample.labels, **self._labels}, sample.value, sample.timestamp)
+            yield out
