@@ -156,6 +156,11 @@ class ConnectorSettings(_Strict):
     buffer_device: Literal["cpu", "cuda"] = "cpu"
     extra_config: dict[str, Any] = Field(default_factory=dict)
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    # Tandem's connector: a secret shared by the cluster's workers; every KV request (pull,
+    # release, describe, join) then carries an HMAC of what it asks for and unauthenticated
+    # ones are refused. None: off (the embedded default on loopback); set it (e.g. from a
+    # Kubernetes Secret via TANDEM_KV_CONNECTOR__AUTH_SECRET) whenever workers are reachable.
+    auth_secret: str | None = Field(None, repr=False)
 
 
 class RoutingSettings(_Strict):

@@ -120,6 +120,8 @@ class ConnectorConfig:
     default_slo_class: str = "standard"
     decision_cache_s: float = 2.0
     app_name: str = "tandem"
+    # Shared by the cluster's workers: every KV request is HMAC-authenticated with it.
+    auth_secret: str | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -560,6 +562,13 @@ class _WorkerSide:
 
 
 def _make_transport(cfg: ConnectorConfig) -> Transport:
+    transport = _new_transport(cfg)
+    if cfg.auth_secret:
+        transport.set_secret(cfg.auth_secret.encode())  # type: ignore[attr-defined]
+    return transport
+
+
+def _new_transport(cfg: ConnectorConfig) -> Transport:
     if cfg.transport == "tcp":
         from kv_transport.transport.tcp import TcpTransport
 

@@ -71,7 +71,9 @@ def tandem(*args: str, timeout: float = 300, env: dict | None = None) -> subproc
 
 @pytest.fixture(scope="session")
 def cluster_env() -> dict:
-    return {**os.environ, "TANDEM_PORT": str(TEST_PORT), "TANDEM_KV_CONNECTOR__TTL_S": str(TTL_S)}
+    # The default app's KV requests are HMAC-authenticated, as a real cluster's should be.
+    return {**os.environ, "TANDEM_PORT": str(TEST_PORT), "TANDEM_KV_CONNECTOR__TTL_S": str(TTL_S),
+            "TANDEM_KV_CONNECTOR__AUTH_SECRET": "test-cluster-kv-secret"}
 
 
 @pytest.fixture(scope="session")

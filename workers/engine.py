@@ -91,6 +91,8 @@ def kv_transfer_config(
         extra.setdefault("default_slo_class", compression.default_slo_class)
         extra.setdefault("decision_cache_s", compression.decision_cache_s)
         extra.setdefault("app_name", settings.app_name)
+        if connector.auth_secret:
+            extra.setdefault("auth_secret", connector.auth_secret)
         if listener is not None:
             extra.setdefault("host", listener["host"])
             extra.setdefault("port", listener["port"])

@@ -11,6 +11,8 @@ and reused; one listener serves all transfers of a worker process.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import socket
@@ -113,6 +115,10 @@ class _Handler(socketserver.BaseRequestHandler):
             try:
                 request = json.loads(recv_bytes(sock, length))
                 name = str(request.get("op", "pull"))
+                if not authentic(self.server.secret, request):
+                    log.warning("tcp transport: unauthenticated %s request from %s refused", name, self.client_address)
+                    sock.sendall(error_frame("request not authenticated", "unauthorized"))
+                    continue
                 if name in self.server.link_ops:
                     if not self.server.link_ops[name](sock, request):
                         return
@@ -181,9 +187,24 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     store: PublicationStore
+    secret: bytes | None
     ops: dict[str, Operation]
     # Operations about the link itself, not a publication: (sock, request) -> keep going.
     link_ops: dict[str, Callable[[socket.socket, dict[str, Any]], bool]]
+
+
+def request_mac(secret: bytes, request: dict[str, Any]) -> str:
+    """HMAC-SHA256 over what a request names (op and transfer id or group): proves the
+    caller holds the cluster's KV secret without sending it."""
+    subject = f"{request.get('op', 'pull')}:{request.get('transfer_id') or request.get('group') or ''}"
+    return hmac.new(secret, subject.encode(), hashlib.sha256).hexdigest()
+
+
+def authentic(secret: bytes | None, request: dict[str, Any]) -> bool:
+    if secret is None:
+        return True
+    presented = request.get("auth")
+    return isinstance(presented, str) and hmac.compare_digest(presented, request_mac(secret, request))
 
 
 class TcpTransport(Transport):
@@ -198,6 +219,8 @@ class TcpTransport(Transport):
             "release": self._serve_release,
         }
         self._server.link_ops = {}
+        self._server.secret = None
+        self._secret: bytes | None = None
         self.host = advertise_host or host
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tandem-kv-tcp", daemon=True)
@@ -208,6 +231,13 @@ class TcpTransport(Transport):
     @property
     def address(self) -> dict[str, Any]:
         return {"transport": self.name, "host": self.host, "port": self.port}
+
+    def set_secret(self, secret: bytes | None) -> None:
+        """Authenticate every request with this cluster secret, both ways: this worker's
+        pulls carry an HMAC of what they ask for, and requests to it without one are
+        refused (a stranger who reaches the port gets nothing)."""
+        self._secret = secret
+        self._server.secret = secret
 
     def publish(self, publication: Publication) -> None:
         self.store.add(publication)
@@ -258,6 +288,8 @@ class TcpTransport(Transport):
         ok = False
         try:
             sock.settimeout(timeout_s)
+            if self._secret is not None:
+                request = {**request, "auth": request_mac(self._secret, request)}
             sock.sendall(_small_frame(_REQ_MAGIC, request))
             prefix = recv_bytes(sock, PREFIX_SIZE)
             if prefix[:4] == _ERR_MAGIC:

@@ -267,3 +267,26 @@ def test_rate_limiter_paces_a_link():
     for _ in range(20):
         limiter.consume(256 << 10)  # 5 MiB in total
     assert time.monotonic() - started >= 0.4  # ~0.5 s at 10 MiB/s
+
+
+@pytest.mark.parametrize("kind", ["tcp", "nixl"])
+def test_requests_without_the_cluster_secret_get_nothing(kind):
+    """With a KV secret, every request carries an HMAC of what it asks for: a stranger who
+    reaches the port (no secret, or a wrong one) is refused and the transfer stays
+    available to its real puller."""
+    server, stranger, wrong, peer = (_transport(kind) for _ in range(4))
+    try:
+        server.set_secret(b"cluster-secret")
+        wrong.set_secret(b"not-the-secret")
+        peer.set_secret(b"cluster-secret")
+        done = _publish(server, "guarded", [os.urandom(4096)])
+        for client in (stranger, wrong):
+            with pytest.raises(TransferError) as err:
+                client.fetch(server.address, "guarded", timeout_s=5, wait_s=0)
+            assert err.value.code == "unauthorized"
+        header, _ = peer.fetch(server.address, "guarded")
+        assert header.payload_nbytes == 4096
+        assert _eventually(lambda: done == [("guarded", "pulled")])
+    finally:
+        for transport in (server, stranger, wrong, peer):
+            transport.close()
