@@ -366,6 +366,18 @@ def test_api_key_reaches_the_settings(variant):
     assert settings.auth.api_keys == ["tk-from-secret"] and settings.auth_required
 
 
+def test_kv_secret_reaches_every_pod(variant):
+    """The cluster's KV secret (generated once, or yours) is in every Ray pod's env, where
+    the settings read it as kv_connector.auth_secret."""
+    values, docs = variant
+    rayservice = one(docs, "RayService")
+    name = values["auth"].get("kvExistingSecret") or f"{FULLNAME}-kv"
+    if not values["auth"].get("kvExistingSecret"):
+        assert len(base64.b64decode(one(docs, "Secret", name)["data"]["kv-secret"])) >= 32
+    for template in pod_specs(rayservice).values():
+        assert env_of(template)["TANDEM_KV_CONNECTOR__AUTH_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == name
+
+
 def test_selectors_match_pods(variant):
     """PDBs, the metrics Service and the ServiceMonitor select what they are meant to."""
     values, docs = variant
@@ -470,7 +482,8 @@ def test_compression_mode_off_stays_a_string(chart):
 
 def test_unauthenticated_opt_out(chart):
     docs = objects(render(chart, {"auth": {"allowUnauthenticated": True}}))
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    # No API-key Secret; only the KV secret between workers.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-kv"]
     rayservice = one(docs, "RayService")
     for template in pod_specs(rayservice).values():
         assert "TANDEM_AUTH__API_KEYS" not in env_of(template)

@@ -35,6 +35,10 @@ app.kubernetes.io/part-of: tandem
 {{- end -}}
 
 {{/* "true" when the endpoint takes API keys from a Secret (the chart's or yours). */}}
+{{- define "tandem.kvSecretName" -}}
+{{- .Values.auth.kvExistingSecret | default (printf "%s-kv" (include "tandem.fullname" .)) -}}
+{{- end -}}
+
 {{- define "tandem.apiKeyEnabled" -}}
 {{- if or .Values.auth.existingSecret .Values.auth.apiKey (not .Values.auth.allowUnauthenticated) -}}
 true
@@ -172,6 +176,12 @@ redis://{{ include "tandem.redisName" . }}:6379/0
 - name: TANDEM_AUTH__API_KEYS
   value: '["$(ENDPOINT_API_KEY)"]'
 {{- end }}
+# Every KV request between workers is HMAC-authenticated with the cluster secret.
+- name: TANDEM_KV_CONNECTOR__AUTH_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tandem.kvSecretName" . }}
+      key: {{ if .Values.auth.kvExistingSecret }}{{ .Values.auth.kvExistingSecretKey }}{{ else }}kv-secret{{ end }}
 {{- if .Values.huggingface.tokenSecret }}
 - name: HF_TOKEN
   valueFrom:
