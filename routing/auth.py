@@ -316,6 +316,8 @@ def release_later(record: KeyRecord, tokens: int) -> None:
     except RuntimeError:
         authenticator.release(record, tokens)
         return
-    # The slot frees at once; only the Redis charge runs in a thread.
+    # The slot frees at once; only a Redis charge (if the key has a token budget) runs in a
+    # thread.
     authenticator.release_slot(record)
-    loop.run_in_executor(None, authenticator.charge, record, tokens)
+    if record.limits.tokens_per_min and tokens > 0:
+        loop.run_in_executor(None, authenticator.charge, record, tokens)

@@ -288,8 +288,10 @@ class Ingress:
         key = getattr(http.state, "api_key", None)
         if key is not None:
             await _admit(key)
+        body = forwarded_body(request)
+        prompt_tokens = _prompt_tokens(body)
         try:
-            self._admit_load(forwarded_body(request))
+            self._admit_load(prompt_tokens)
         except BaseException:
             if key is not None:
                 auth.release_later(key, 0)
@@ -298,16 +300,18 @@ class Ingress:
         handed_to_stream = False
         tokens = 0
         try:
-            response, tokens, handed_to_stream = await self._respond(endpoint, request, http, slo_class, lease)
+            response, tokens, handed_to_stream = await self._respond(
+                endpoint, body, prompt_tokens, http, slo_class, lease
+            )
             return response
         finally:
             if not handed_to_stream:
                 lease.release(tokens)
 
-    def _admit_load(self, body: dict[str, Any]) -> None:
+    def _admit_load(self, prompt_tokens: int) -> None:
         """Shed load at once (429/503 with Retry-After) instead of queueing without bound."""
         router = serve_router.router_for(self.settings.app_name, self._first_pool)
-        predicted = router.best_predicted_ttft_s(_prompt_tokens(body)) if router is not None else None
+        predicted = router.best_predicted_ttft_s(prompt_tokens) if router is not None else None
         replicas = router.replica_count() if router is not None else None
         try:
             self._gate.admit(predicted, replicas)
@@ -319,7 +323,8 @@ class Ingress:
     async def _respond(
         self,
         endpoint: str,
-        request: ChatCompletionRequest | CompletionRequest,
+        body: dict[str, Any],
+        prompt_tokens: int,
         http: Request,
         slo_class: str,
         lease: _Lease,
@@ -327,7 +332,6 @@ class Ingress:
         """(response, tokens it used if known now, whether a stream now owns the lease)"""
         started = time.monotonic()
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
-        body = forwarded_body(request)
         deadline = self.settings.routing.request_timeout_s
         try:
             async with asyncio.timeout(deadline):
@@ -350,7 +354,7 @@ class Ingress:
             return JSONResponse(first.body, headers=headers), int(usage.get("total_tokens") or 0), False
         metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
         stream = StreamingResponse(
-            self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, _prompt_tokens(body)),
+            self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, prompt_tokens),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
