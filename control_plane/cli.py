@@ -343,7 +343,7 @@ def model_prepare(
 
 
 def _mount_profiler() -> None:
-    from control_plane.profiler.cli import profile_app
+    from control_plane.profiler.command import profile_app
 
     app.add_typer(profile_app, name="profile", help="Profile the KV compression space for a model on this hardware.")
 

@@ -10,34 +10,35 @@ is the profile library the compression controller reads (`control_plane.controll
     from control_plane.profiler import run_profile
 """
 
-from control_plane.profiler.calibration import CalibrationPrompt, load_prompts, select_prompts
-from control_plane.profiler.cli import ProfileRun, profile_app, run_profile
-from control_plane.profiler.export import build_library, hardware_id, library_entry
-from control_plane.profiler.pareto import (
-    REFERENCE_POINT,
-    dominates,
-    hypervolume_3d,
-    hypervolume_curve,
-    normalised_objectives,
-    pareto_mask,
-)
-from control_plane.profiler.quality import (
-    ModelMissingError,
-    ModelQualityProbe,
-    QualityResult,
-    load_model,
-)
-from control_plane.profiler.search import (
-    GRID_SPACE,
-    Evaluation,
-    Evaluator,
-    canonical_profile,
-    grid_profiles,
-    run_grid,
-    run_optuna,
-    search_summary,
-)
-from control_plane.profiler.speed import LinearCost, SpeedResult, fit_linear_cost, measure_speed
+import importlib
+from typing import Any
+
+# Exports are loaded on first use (PEP 562): importing the package for its command must not
+# pull in torch and the model code.
+_EXPORTS = {
+    "control_plane.profiler.calibration": ("CalibrationPrompt", "load_prompts", "select_prompts"),
+    "control_plane.profiler.cli": ("ProfileRun", "run_profile"),
+    "control_plane.profiler.command": ("profile_app",),
+    "control_plane.profiler.export": ("build_library", "hardware_id", "library_entry"),
+    "control_plane.profiler.pareto": (
+        "REFERENCE_POINT", "dominates", "hypervolume_3d", "hypervolume_curve", "normalised_objectives", "pareto_mask",
+    ),
+    "control_plane.profiler.quality": ("ModelMissingError", "ModelQualityProbe", "QualityResult", "load_model"),
+    "control_plane.profiler.search": (
+        "GRID_SPACE", "Evaluation", "Evaluator", "canonical_profile", "grid_profiles", "run_grid", "run_optuna",
+        "search_summary",
+    ),
+    "control_plane.profiler.speed": ("LinearCost", "SpeedResult", "fit_linear_cost", "measure_speed"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "GRID_SPACE",

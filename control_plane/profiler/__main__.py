@@ -1,5 +1,5 @@
 """`python -m control_plane.profiler` = `tandem profile`."""
 
-from control_plane.profiler.cli import profile_app
+from control_plane.profiler.command import profile_app
 
 profile_app()
