@@ -22,6 +22,7 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from redis.connection import SSLConnection, parse_url
 
 from control_plane.settings import TandemSettings, WorkerSettings, load_settings
 
@@ -83,6 +84,25 @@ NIXL = {
     },
 }
 COLOCATED = {"tandem": {"mode": "colocated", "colocated": {"replicas": 2, "cpu_threads": 4}}}
+# TLS to an external Redis: the URL (and its certificate options) reach redis-py unchanged.
+EXTERNAL_REDIS_TLS = {
+    "redis": {"mode": "external",
+              "external": {"url": "rediss://:s3cret@redis.data.svc.cluster.local:6380/0?ssl_cert_reqs=required"}},
+}
+# The internal Redis's password from your Secret, GCS on it, and every NetworkPolicy knob.
+REDIS_OWN_SECRET = {
+    "redis": {"internal": {"auth": {"existingSecret": "my-redis", "existingSecretKey": "pw"}}},
+    "gcsFaultTolerance": {"enabled": True},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "networkPolicy": {
+        "serve": {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]},
+        "dashboard": {"enabled": True, "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+        "metrics": {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+        "redis": {"from": [{"podSelector": {"matchLabels": {"app": "redis-exporter"}}}]},
+    },
+}
+# Opting out of both: no password, no NetworkPolicy.
+REDIS_OPEN = {"redis": {"internal": {"auth": {"enabled": False}}}, "networkPolicy": {"enabled": False}}
 EVERYTHING_ON = {
     "ingress": {"enabled": True, "className": "nginx", "tls": [{"hosts": ["llm.example.local"], "secretName": "tls"}],
                 "hosts": [{"host": "llm.example.local", "paths": [{"path": "/", "pathType": "Prefix"}]}]},
@@ -108,6 +128,9 @@ VARIANTS = {
     "gpu": GPU,
     "external-redis-url": EXTERNAL_REDIS_URL,
     "external-redis-secret": EXTERNAL_REDIS_SECRET,
+    "external-redis-tls": EXTERNAL_REDIS_TLS,
+    "redis-own-secret": REDIS_OWN_SECRET,
+    "redis-open": REDIS_OPEN,
     "ray-autoscaler": RAY_AUTOSCALER,
     "serve-autoscaling": pytest.param(
         SERVE_AUTOSCALING,
@@ -155,14 +178,17 @@ def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
 
 
-def settings_from_rayservice(rayservice: dict[str, Any]) -> TandemSettings:
+def settings_from_rayservice(rayservice: dict[str, Any], env: dict[str, str] | None = None) -> TandemSettings:
     """Build settings the way Serve's call of build_app(args) does, with no TANDEM_* env of
-    this machine leaking in."""
+    this machine leaking in; ``env``: the pod's TANDEM_* env (after Kubernetes expanded it)."""
     (application,) = serve_config(rayservice)["applications"]
     saved = {key: os.environ.pop(key) for key in list(os.environ) if key.startswith("TANDEM_")}
+    os.environ.update(env or {})
     try:
         return load_settings(None, **copy.deepcopy(application["args"]))
     finally:
+        for key in env or {}:
+            os.environ.pop(key, None)
         os.environ.update(saved)
 
 
@@ -176,6 +202,34 @@ def pod_specs(rayservice: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def env_of(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in template["spec"]["containers"][0].get("env", [])}
+
+
+def redis_auth_secret(values: dict[str, Any]) -> dict[str, str] | None:
+    """The secretKeyRef of the internal Redis's password; None without one."""
+    redis = values["redis"]
+    if redis["mode"] != "internal" or not redis["internal"]["auth"]["enabled"]:
+        return None
+    auth = redis["internal"]["auth"]
+    if auth["existingSecret"]:
+        return {"name": auth["existingSecret"], "key": auth["existingSecretKey"]}
+    return {"name": f"{FULLNAME}-redis-auth", "key": "redis-password"}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, wanted = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in wanted,
+            "NotIn": labels.get(key) not in wanted,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not ok:
+            return False
+    return True
 
 
 def ray_custom_resources(group: dict[str, Any]) -> dict[str, float]:
@@ -302,11 +356,20 @@ def test_redis_wiring(variant):
     if redis["mode"] == "internal":
         statefulset = one(docs, "StatefulSet", f"{FULLNAME}-redis")
         service = one(docs, "Service", f"{FULLNAME}-redis")
-        assert settings.redis_url == f"redis://{FULLNAME}-redis:6379/0"
         assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
         claims = statefulset["spec"].get("volumeClaimTemplates", [])
         assert bool(claims) == redis["internal"]["persistence"]["enabled"]
-        assert "--appendonly" in statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+        (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+        assert "--appendonly" in container["args"]
+        readiness = " ".join(container["readinessProbe"]["exec"]["command"])
+        assert "redis-cli ping" in readiness and "PONG" in readiness  # NOAUTH or LOADING is not ready
+        if redis_auth_secret(values) is not None:
+            assert settings.redis_url is None  # the URL holds the password: env only
+            check_redis_password_wiring(values, docs, rayservice)
+            return
+        assert settings.redis_url == f"redis://{FULLNAME}-redis:6379/0"
+        assert "command" not in container and "env" not in container
+        assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == f"{FULLNAME}-redis-auth"]
     elif redis["external"]["url"]:
         assert not [d for d in docs if d["kind"] == "StatefulSet"]
         assert settings.redis_url == redis["external"]["url"]
@@ -319,6 +382,44 @@ def test_redis_wiring(variant):
     # `tandem status` / `tandem keys` run in a pod find the same Redis through env.
     for template in templates:
         assert env_of(template)["TANDEM_REDIS_URL"]["value"] == settings.redis_url
+
+
+def check_redis_password_wiring(values, docs, rayservice):
+    """The internal Redis requires the Secret's password, its probes log in with it, and every
+    Ray pod builds its URL from it by Kubernetes' $(VAR) expansion."""
+    ref = redis_auth_secret(values)
+    if ref["name"] == f"{FULLNAME}-redis-auth":
+        password = base64.b64decode(one(docs, "Secret", ref["name"])["data"][ref["key"]]).decode()
+        assert len(password) >= 32 and password.isalnum()  # URL-safe as generated
+    else:
+        assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == f"{FULLNAME}-redis-auth"]
+    (container,) = one(docs, "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]["spec"]["containers"]
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    # requirepass from env, through a shell that execs redis-server with the args after it.
+    assert container["command"][:2] == ["sh", "-c"]
+    assert container["command"][2].endswith('exec redis-server "$@" --requirepass "$REDIS_PASSWORD"')
+    assert "--requirepass" not in container["args"]
+    # redis-cli in both probes logs in with REDISCLI_AUTH (the same Secret).
+    assert env["REDISCLI_AUTH"]["value"] == "$(REDIS_PASSWORD)"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "redis-cli" in " ".join(container[probe]["exec"]["command"])
+    url = f"redis://:$(REDIS_AUTH_PASSWORD)@{FULLNAME}-redis:6379/0"
+    for template in pod_specs(rayservice).values():
+        entries = template["spec"]["containers"][0]["env"]
+        names = [entry["name"] for entry in entries]
+        # Kubernetes expands $(VAR) only from variables defined earlier in the list.
+        assert names.index("REDIS_AUTH_PASSWORD") < names.index("TANDEM_REDIS_URL")
+        assert "REDIS_PASSWORD" not in names  # KubeRay rejects it on the head with GCS FT
+        pod_env = env_of(template)
+        assert pod_env["REDIS_AUTH_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+        assert pod_env["TANDEM_REDIS_URL"]["value"] == url
+    # Once expanded, the env URL is the one Tandem uses (the args carry none to override it),
+    # and redis-py's URL parser hands the password to the client.
+    expanded = url.replace("$(REDIS_AUTH_PASSWORD)", "Pa55word")
+    assert settings_from_rayservice(rayservice, {"TANDEM_REDIS_URL": expanded}).redis_url == expanded
+    parsed = parse_url(expanded)
+    assert (parsed["password"], parsed["host"], parsed["port"]) == ("Pa55word", f"{FULLNAME}-redis", 6379)
 
 
 def test_gcs_fault_tolerance_uses_the_same_redis(variant):
@@ -336,8 +437,15 @@ def test_gcs_fault_tolerance_uses_the_same_redis(variant):
     else:
         expected = "redis.data.svc.cluster.local:6380"  # the external URL's host:port
     assert options["redisAddress"] == expected
-    if values["gcsFaultTolerance"]["redisPasswordSecret"]:
-        assert options["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == values["gcsFaultTolerance"]["redisPasswordSecret"]
+    gcs = values["gcsFaultTolerance"]
+    password = options.get("redisPassword")
+    if gcs["redisPasswordSecret"]:
+        assert password["valueFrom"]["secretKeyRef"] == {"name": gcs["redisPasswordSecret"], "key": gcs["redisPasswordSecretKey"]}
+    elif redis_auth_secret(values) and not gcs["redisAddress"]:
+        # The internal Redis's password, from its Secret, without being asked.
+        assert password == {"valueFrom": {"secretKeyRef": redis_auth_secret(values)}}
+    else:
+        assert password is None
 
 
 def test_api_key_reaches_the_settings(variant):
@@ -404,6 +512,65 @@ def test_selectors_match_pods(variant):
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
     else:
         assert not [d for d in docs if d["kind"] == "ServiceMonitor"]
+
+
+def test_network_policies(variant):
+    """Redis admits only the release's pods on 6379; the Ray pods admit every port from the
+    release's pods and from elsewhere only the serve port, the dashboard for the KubeRay
+    operator (and whoever networkPolicy.dashboard names), and the metrics ports with a
+    ServiceMonitor. Egress is never restricted."""
+    values, docs = variant
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    np = values["networkPolicy"]
+    if not np["enabled"]:
+        assert not policies
+        return
+    rayservice = one(docs, "RayService")
+    ray_pods = {group: template["metadata"]["labels"] for group, template in pod_specs(rayservice).items()}
+    internal = values["redis"]["mode"] == "internal"
+    redis_pod = one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"] if internal else None
+    release_pods = [*ray_pods.values(), *([redis_pod] if internal else [])]
+    assert set(policies) == {f"{FULLNAME}-ray", *([f"{FULLNAME}-redis"] if internal else [])}
+    for policy in policies.values():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress open: hub downloads, DNS
+
+    def release_peer(peer):
+        return set(peer) == {"podSelector"} and all(selects(peer["podSelector"], labels) for labels in release_pods)
+
+    ray = policies[f"{FULLNAME}-ray"]["spec"]
+    assert all(selects(ray["podSelector"], labels) for labels in ray_pods.values())
+    assert redis_pod is None or not selects(ray["podSelector"], redis_pod)
+    (everything,) = [rule for rule in ray["ingress"] if "ports" not in rule]
+    (peer,) = everything["from"]
+    assert release_peer(peer)  # Ray's and the KV listeners' random ports: the release only
+    # Every other rule names its ports; None: from anywhere.
+    opened: dict[int, list] = {}
+    for rule in ray["ingress"]:
+        for port in rule.get("ports", []):
+            assert port["protocol"] == "TCP"
+            opened.setdefault(port["port"], []).append(rule.get("from"))
+    serve_port = values["serve"]["port"]
+    assert rayservice["spec"]["serveService"]["spec"]["ports"][0]["targetPort"] == serve_port
+    assert (np["serve"]["from"] or None) in opened[serve_port]
+    dashboard = opened.pop(8265)
+    assert np["kubeRayOperator"]["from"] in dashboard
+    assert len(dashboard) == 1 + bool(np["dashboard"]["enabled"])
+    if np["dashboard"]["enabled"]:
+        assert (np["dashboard"]["from"] or None) in dashboard
+    metrics = opened.pop(8080, None)
+    if values["serviceMonitor"]["enabled"]:
+        assert metrics == [np["metrics"]["from"] or None]
+        assert (np["metrics"]["from"] or None) in opened[serve_port]
+    else:
+        assert metrics is None and len(opened[serve_port]) == 1
+    assert set(opened) == {serve_port}
+    if internal:
+        redis = policies[f"{FULLNAME}-redis"]["spec"]
+        assert selects(redis["podSelector"], redis_pod)
+        assert not any(selects(redis["podSelector"], labels) for labels in ray_pods.values())
+        (rule,) = redis["ingress"]
+        assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+        assert release_peer(rule["from"][0]) and rule["from"][1:] == np["redis"]["from"]
 
 
 def test_ingress_targets_the_openai_service(variant):
@@ -482,13 +649,37 @@ def test_compression_mode_off_stays_a_string(chart):
 
 def test_unauthenticated_opt_out(chart):
     docs = objects(render(chart, {"auth": {"allowUnauthenticated": True}}))
-    # No API-key Secret; only the KV secret between workers.
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-kv"]
+    # No API-key Secret; only the KV secret between workers and the Redis password.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-kv", f"{FULLNAME}-redis-auth"]
     rayservice = one(docs, "RayService")
     for template in pod_specs(rayservice).values():
         assert "TANDEM_AUTH__API_KEYS" not in env_of(template)
     settings = settings_from_rayservice(rayservice)
     assert settings.auth.allow_unauthenticated and not settings.auth_required
+
+
+def test_redis_password_is_never_in_clear_text(chart):
+    """The generated password is only in its Secret: not in the RayService (serve config, pod
+    templates, GCS options) nor in the Redis StatefulSet."""
+    docs = objects(render(chart, {"gcsFaultTolerance": {"enabled": True}}))
+    secret = one(docs, "Secret", f"{FULLNAME}-redis-auth")
+    password = base64.b64decode(secret["data"]["redis-password"]).decode()
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            assert password not in yaml.safe_dump(doc), doc["kind"]
+    assert "redis_url" not in serve_config(one(docs, "RayService"))["applications"][0]["args"]
+
+
+def test_external_tls_url_passes_through(chart):
+    """A rediss:// URL reaches Tandem as given; redis-py then connects with TLS."""
+    url = EXTERNAL_REDIS_TLS["redis"]["external"]["url"]
+    rayservice = one(objects(render(chart, EXTERNAL_REDIS_TLS)), "RayService")
+    assert settings_from_rayservice(rayservice).redis_url == url
+    for template in pod_specs(rayservice).values():
+        assert env_of(template)["TANDEM_REDIS_URL"]["value"] == url
+    parsed = parse_url(url)
+    assert parsed["connection_class"] is SSLConnection and parsed["password"] == "s3cret"
+    assert parsed["ssl_cert_reqs"] == "required"
 
 
 def test_notes_print_how_to_reach_the_endpoint(chart):
@@ -539,12 +730,16 @@ def test_schema_is_generated_from_the_settings_model():
         ({"gcsFaultTolerance": {"redisAddress": "redis://redis:6379"}}, "at '/gcsFaultTolerance/redisAddress'"),
         ({"image": {"repository": ""}}, "at '/image/repository'"),
         ({"servicemonitor": {"enabled": True}}, "additional properties 'servicemonitor' not allowed"),
+        ({"redis": {"internal": {"auth": {"existingSecretKey": ""}}}}, "at '/redis/internal/auth/existingSecretKey'"),
+        ({"networkPolicy": {"serve": {"from": [{"podSelectr": {}}]}}}, "additional properties 'podSelectr' not allowed"),
+        ({"networkPolicy": {"dashboard": {"from": {"ipBlock": {"cidr": "10.0.0.0/8"}}}}}, "at '/networkPolicy/dashboard/from'"),
     ],
     ids=[
         "negative-replicas", "unknown-transport", "misspelt-section", "unknown-router",
         "unquoted-off", "chart-owned-field", "negative-gpus", "zero-engines-per-pod",
         "bad-quantity", "unknown-redis-mode", "non-redis-url", "address-not-host-port",
-        "empty-image", "misspelt-top-level",
+        "empty-image", "misspelt-top-level", "empty-redis-secret-key", "misspelt-peer",
+        "peers-not-a-list",
     ],
 )
 def test_schema_rejects_bad_values(chart, values, message):
@@ -562,10 +757,25 @@ def test_schema_rejects_bad_values(chart, values, message):
          "needs 2 GPUs per pod but workerGroups.decode.gpus is 1"),
         ({"redis": {"mode": "external", "external": {"existingSecret": "r"}}, "gcsFaultTolerance": {"enabled": True}},
          "set gcsFaultTolerance.redisAddress"),
+        ({"redis": {"mode": "external", "external": {"url": "rediss://redis.example:6380/0"}}, "gcsFaultTolerance": {"enabled": True}},
+         "gcsFaultTolerance.enabled with a rediss:// redis.external.url"),
+        ({"redis": {"mode": "external", "external": {"url": "redis://:pw@redis.example:6379/0"}}, "gcsFaultTolerance": {"enabled": True}},
+         "set gcsFaultTolerance.redisPasswordSecret"),
     ],
-    ids=["external-redis-without-url", "gpus-unused", "too-few-gpus", "gcs-ft-without-address"],
+    ids=["external-redis-without-url", "gpus-unused", "too-few-gpus", "gcs-ft-without-address",
+         "gcs-ft-over-tls", "gcs-ft-without-password"],
 )
 def test_inconsistent_values_fail_with_a_clear_message(chart, values, message):
     with pytest.raises(helm_python.HelmRenderError) as error:
         render(chart, values)
     assert message in str(error.value)
+
+
+def test_head_drains_before_it_stops(chart):
+    for values, grace in (({}, 60), ({"tandem": {"routing": {"drain_grace_s": 15}}}, 15)):
+        rayservice = one(objects(render(chart, values)), "RayService")
+        head = pod_specs(rayservice)["head"]["spec"]
+        hook = head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook == ["tandem", "drain", "--grace", str(grace)]
+        # Kubernetes kills the pod after terminationGracePeriodSeconds, preStop included.
+        assert head["terminationGracePeriodSeconds"] > grace

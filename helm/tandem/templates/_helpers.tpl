@@ -56,10 +56,35 @@ prefill decode
 
 {{/* Redis ------------------------------------------------------------------------------ */}}
 
-{{/* The Redis URL Tandem gets in its settings; empty when it comes from a Secret (env). */}}
+{{/* "true" when the internal Redis requires a password (redis.internal.auth). */}}
+{{- define "tandem.redisAuthEnabled" -}}
+{{- if and (eq .Values.redis.mode "internal") .Values.redis.internal.auth.enabled -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret and key holding the internal Redis's password (the chart's or yours). */}}
+{{- define "tandem.redisAuthSecretName" -}}
+{{- .Values.redis.internal.auth.existingSecret | default (printf "%s-redis-auth" (include "tandem.fullname" .)) -}}
+{{- end -}}
+
+{{- define "tandem.redisAuthSecretKey" -}}
+{{- if .Values.redis.internal.auth.existingSecret -}}
+{{ .Values.redis.internal.auth.existingSecretKey }}
+{{- else -}}
+redis-password
+{{- end -}}
+{{- end -}}
+
+{{/* The Redis URL without secrets: Tandem gets it in its settings. Empty when the URL holds a
+     secret and so reaches Tandem only through env (an external URL from your Secret, or the
+     internal Redis with a password). An external URL (redis:// or rediss:// for TLS) is
+     passed through unchanged. */}}
 {{- define "tandem.redisUrl" -}}
 {{- if eq .Values.redis.mode "internal" -}}
+{{- if not (include "tandem.redisAuthEnabled" .) -}}
 redis://{{ include "tandem.redisName" . }}:6379/0
+{{- end -}}
 {{- else if .Values.redis.external.url -}}
 {{ .Values.redis.external.url }}
 {{- end -}}
@@ -84,6 +109,16 @@ redis://{{ include "tandem.redisName" . }}:6379/0
 {{- end -}}
 {{- if and .Values.redis.external.url .Values.redis.external.existingSecret -}}
 {{ fail "set only one of redis.external.url and redis.external.existingSecret" }}
+{{- end -}}
+{{- $gcs := .Values.gcsFaultTolerance -}}
+{{- if and $gcs.enabled (eq .Values.redis.mode "external") .Values.redis.external.url (not $gcs.redisAddress) -}}
+{{- $url := urlParse .Values.redis.external.url -}}
+{{- if eq $url.scheme "rediss" -}}
+{{ fail "gcsFaultTolerance.enabled with a rediss:// redis.external.url: the chart passes Ray's GCS a plain host:port, not TLS; set gcsFaultTolerance.redisAddress (and Ray's Redis TLS env on the head, head.env) yourself, see docs/deploy.md" }}
+{{- end -}}
+{{- if and $url.userinfo (not $gcs.redisPasswordSecret) -}}
+{{ fail "gcsFaultTolerance.enabled with a password in redis.external.url: set gcsFaultTolerance.redisPasswordSecret (a Secret key holding that password) so Ray's GCS can log in" }}
+{{- end -}}
 {{- end -}}
 {{- range $role := splitList " " (include "tandem.roles" .) -}}
 {{- $pool := index $.Values.tandem $role | default dict -}}
@@ -162,6 +197,17 @@ redis://{{ include "tandem.redisName" . }}:6379/0
     secretKeyRef:
       name: {{ .Values.redis.external.existingSecret }}
       key: {{ .Values.redis.external.existingSecretKey }}
+{{- else if include "tandem.redisAuthEnabled" . }}
+# The internal Redis's password, from its Secret; Kubernetes expands $(REDIS_AUTH_PASSWORD) in
+# the URL below, so the password never appears in the RayService. (Not REDIS_PASSWORD: KubeRay
+# sets that one on the head for GCS fault tolerance and refuses it in the pod template.)
+- name: REDIS_AUTH_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tandem.redisAuthSecretName" . }}
+      key: {{ include "tandem.redisAuthSecretKey" . }}
+- name: TANDEM_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_AUTH_PASSWORD)@%s:6379/0" (include "tandem.redisName" .) | quote }}
 {{- else }}
 - name: TANDEM_REDIS_URL
   value: {{ include "tandem.redisUrl" . | quote }}
