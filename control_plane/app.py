@@ -74,17 +74,20 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
                     "num_gpus": worker.num_gpus,
                     **({"resources": dict(worker.ray_resources)} if worker.ray_resources else {}),
                 },
-                graceful_shutdown_timeout_s=30,
+                # Longer than the ingress's drain, so a worker outlives the requests on it.
+                graceful_shutdown_timeout_s=settings.routing.drain_grace_s + 30,
                 request_router_config=router_config(settings, role),
             )
             .bind(data)
         )
 
+    # Serve waits this long for a stopping ingress replica's requests (when no drain ran).
+    ingress = Ingress.options(graceful_shutdown_timeout_s=settings.routing.drain_grace_s + 10)
     if settings.mode == "disaggregated":
         extra: dict[str, Any] = {}
         if settings.kv_connector.compression.mode == "adaptive":
             from control_plane.controller.service import CompressionControllerDeployment
 
             extra["controller"] = CompressionControllerDeployment.bind(data)
-        return Ingress.bind(data, prefill=pool("prefill"), decode=pool("decode"), **extra)
-    return Ingress.bind(data, colocated=pool("colocated"))
+        return ingress.bind(data, prefill=pool("prefill"), decode=pool("decode"), **extra)
+    return ingress.bind(data, colocated=pool("colocated"))

@@ -79,9 +79,9 @@ def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
         try:
             response = httpx.get(f"{url}/health", timeout=15)
             last = response.json()
-            if response.status_code == 200:
+            if response.status_code == 200 and last.get("status") == "ok":  # not just "degraded"
                 return last
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
             last = str(exc)
         time.sleep(1)
     raise RuntimeError(f"service did not become healthy in {timeout_s:.0f}s: {last}")
@@ -130,6 +130,10 @@ def up(
         console.print(f"[bold]redis[/]: embedded at {url}")
     state["redis_url"] = settings.redis_url
     _refuse_open_exposure(settings)
+    if redis_server.ping(settings.redis_url, timeout=2.0):
+        from routing import drain
+
+        drain.cancel_drain(settings.redis_url, settings.app_name)  # left by an interrupted `tandem down`
 
     address = settings.ray_address or os.environ.get("RAY_ADDRESS")
     if address is None:
@@ -239,9 +243,63 @@ def keys_revoke(
         raise typer.Exit(1)
 
 
+def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = None) -> dict[str, dict[str, int]]:
+    """Ask every app's ingress replicas to refuse new requests and finish the ones they
+    accepted; wait up to ``grace_s``. Returns, per app, the replicas' last in-flight counts.
+    Needs a Ray connection."""
+    from ray import serve
+
+    from routing import drain
+
+    apps = {
+        name: app_status.deployments["Ingress"].replica_states.get("RUNNING", 0)
+        for name, app_status in serve.status().applications.items()
+        if "Ingress" in app_status.deployments and only in (None, name)
+    }
+    if not apps or not redis_url or not redis_server.ping(redis_url, timeout=2.0):
+        return {}
+    for name in apps:
+        drain.request_drain(redis_url, name, ttl_s=grace_s + 120)
+    deadline = time.monotonic() + grace_s
+    reports: dict[str, dict[str, int]] = {}
+    with console.status(f"draining {', '.join(apps)} (up to {grace_s:.0f}s)..."):
+        for name, replicas in apps.items():
+            reports[name] = drain.wait_drained(redis_url, name, replicas, max(0.0, deadline - time.monotonic()))
+    for name, report in reports.items():
+        left = sum(report.values())
+        if left:
+            console.print(f"[yellow]{name}: {left} request(s) still in flight after {grace_s:.0f}s[/]")
+        elif len(report) < apps[name]:
+            console.print(f"[yellow]{name}: {len(report)} of {apps[name]} ingress replicas confirmed the drain[/]")
+        else:
+            console.print(f"{name}: drained ({len(report)} ingress replica(s), nothing in flight)")
+    return reports
+
+
+def _redis_url_for_cli(config: Path | None = None) -> str | None:
+    return load_settings(config).redis_url or _read_state().get("redis_url") or redis_server.embedded_url()
+
+
+@app.command("drain")
+def drain_command(
+    grace: float | None = typer.Option(None, help="Seconds to wait for in-flight requests (default: routing.drain_grace_s)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings YAML file."),
+) -> None:
+    """Refuse new requests (503) and wait for in-flight ones to finish: before a shutdown,
+    e.g. as a Kubernetes preStop hook. `tandem down` drains first by itself."""
+    settings = load_settings(config)
+    address = _read_state().get("ray_address") or settings.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+    _connect_ray(address)
+    reports = _drain_ingresses(_redis_url_for_cli(config), settings.routing.drain_grace_s if grace is None else grace)
+    if any(sum(report.values()) for report in reports.values()):
+        raise typer.Exit(1)
+
+
 @app.command()
-def down() -> None:
-    """Stop the Serve app, and the Ray and Redis that `tandem up` started."""
+def down(
+    grace: float | None = typer.Option(None, help="Seconds to let in-flight requests finish (default: routing.drain_grace_s)."),
+) -> None:
+    """Drain the ingresses, then stop the Serve app, and the Ray and Redis that `tandem up` started."""
     state = _read_state()
     address = state.get("ray_address") or os.environ.get("RAY_ADDRESS") or "auto"
     if state.get("started_ray") or address != "auto" or local_ray_running():
@@ -249,12 +307,21 @@ def down() -> None:
             _connect_ray(address)
             from ray import serve
 
+            grace_s = load_settings(None).routing.drain_grace_s if grace is None else grace
+            redis_url = state.get("redis_url") or redis_server.embedded_url()
             app_name = state.get("app_name")
-            if state.get("started_ray") or not app_name:
+            whole_cluster = bool(state.get("started_ray") or not app_name)
+            drained = _drain_ingresses(redis_url, grace_s, only=None if whole_cluster else app_name)
+            if whole_cluster:
                 serve.shutdown()
             else:
                 serve.delete(app_name)
             console.print("serve app stopped")
+            if redis_url:
+                from routing import drain
+
+                for name in drained:
+                    drain.cancel_drain(redis_url, name)  # a later `tandem up` must not start drained
             import ray
 
             ray.shutdown()  # disconnect before `ray stop`, or the driver logs the teardown
@@ -286,14 +353,14 @@ def status(
     except (httpx.HTTPError, ValueError) as exc:
         report["health"] = {"status": f"unreachable: {exc}"}
     redis_url = state.get("redis_url")
-    report["redis"] = {"url": redis_url, "ok": bool(redis_url and redis_server.ping(redis_url))}
+    report["redis"] = {"url": redis_server.redacted(redis_url), "ok": bool(redis_url and redis_server.ping(redis_url))}
     report["workers"] = list_workers(redis_url, state["app_name"]) if report["redis"]["ok"] else []
     report["deployments"] = _serve_deployments(state)
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return
     console.print(f"[bold]{report['app']}[/] at {report['url']}: {report['health'].get('status')}")
-    console.print(f"redis: {redis_url} ({'ok' if report['redis']['ok'] else 'down'})")
+    console.print(f"redis: {report['redis']['url']} ({'ok' if report['redis']['ok'] else 'down'})")
     table = Table("deployment", "status", "replicas")
     for name, info in report["deployments"].items():
         table.add_row(name, info["status"], json.dumps(info["replica_states"]))

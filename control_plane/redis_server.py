@@ -52,6 +52,19 @@ def embedded_url() -> str | None:
     return url if ping(url, timeout=3.0) else None
 
 
+def redacted(url: str | None) -> str | None:
+    """The URL without its password, for printing."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def ping(url: str, timeout: float = 0.5) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_timeout=timeout).ping())

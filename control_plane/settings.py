@@ -164,8 +164,12 @@ class ConnectorSettings(_Strict):
 
 
 class RoutingSettings(_Strict):
-    # How long the ingress waits for a whole request before answering 504.
+    # How long the ingress waits for a whole request before answering 504. A client can ask
+    # for less with the x-tandem-timeout-s header.
     request_timeout_s: float = Field(600.0, gt=0)
+    # `tandem drain` / `tandem down`: how long the ingress replicas get to finish what they
+    # accepted once they refuse new requests (503), before the app is deleted.
+    drain_grace_s: float = Field(60.0, ge=0)
     # If the prefill step or the KV handoff fails, decode recomputes the prompt itself.
     recompute_on_prefill_failure: bool = True
     # How the ingress picks a prefill replica (a colocated one in colocated mode):

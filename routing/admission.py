@@ -127,6 +127,6 @@ async def _too_large(scope: dict[str, Any], receive: Any, send: Any, limit: int)
     from routing.errors import error_body
 
     log.info("refused %s %s: body over %d bytes", scope.get("method"), scope["path"], limit)
-    metrics.REQUESTS.labels(scope["path"], "413").inc()
+    metrics.count_request(scope["path"], "413")
     response = JSONResponse(error_body(413, f"Request body too large: the limit is {limit} bytes."), 413)
     await response(scope, receive, send)

@@ -295,7 +295,7 @@ class AuthMiddleware:
             record = await asyncio.to_thread(authenticator.authenticate, headers.get("authorization"))
         except AuthError as exc:
             log.info("refused %s %s: %s", scope.get("method"), scope["path"], exc.message)
-            metrics.REQUESTS.labels(scope["path"], str(exc.status)).inc()
+            metrics.count_request(scope["path"], exc.status)
             extra = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else {}
             response = JSONResponse(error_body(exc.status, exc.message, None, exc.code), exc.status, headers=extra)
             await response(scope, receive, send)

@@ -21,18 +21,30 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control_plane.settings import TandemSettings, settings_from_dict
-from routing import admission, auth, metrics, serve_router
+from routing import admission, auth, drain, metrics, serve_router
 from routing.errors import OpenAIError, error_body, from_engine_error
-from routing.orchestrator import PrefillOutcome, decode_body, run_prefill
-from routing.protocol import ChatCompletionRequest, CompletionRequest, forwarded_body
+from routing.orchestrator import PrefillOutcome, decode_body, run_prefill_watched
+from routing.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    forwarded_body,
+)
 from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 
 log = logging.getLogger("ray.serve")
 
 SLO_CLASS_HEADER = "x-tandem-slo-class"
 KV_PROFILE_HEADER = "x-tandem-kv-profile"
+# A client's own deadline for the whole request, in seconds (at most routing.request_timeout_s).
+TIMEOUT_HEADER = "x-tandem-timeout-s"
 _PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9.+:_-]{0,79}")
 
 app = FastAPI(title="Tandem", summary="OpenAI-compatible disaggregated prefill/decode serving")
@@ -51,24 +63,61 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
         if first.get("type") == "extra_forbidden":
             message = f"Unrecognized request argument supplied: {param}"
     log.info("rejected %s %s: %s", request.method, request.url.path, message)
-    metrics.REQUESTS.labels(request.url.path, "400").inc()
+    metrics.count_request(request.url.path, "400")
     return JSONResponse(error_body(400, message, param), status_code=400)
 
 
 def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
     log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-    metrics.REQUESTS.labels(request.url.path, str(exc.status)).inc()
+    metrics.count_request(request.url.path, exc.status)
     return exc.response()
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (an unknown path, a wrong method, a body that is not UTF-8
+    JSON) in OpenAI's error shape too."""
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, message)
+    metrics.count_request(request.url.path, exc.status_code)
+    return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    metrics.REQUESTS.labels(request.url.path, "500").inc()
+    metrics.count_request(request.url.path, "500")
     return JSONResponse(error_body(500, "internal error"), status_code=500)
 
 
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# What a generation endpoint can answer besides 200: bad input (400), a missing or invalid
+# API key (401), an unknown model (404), a body too large (413), shed load or a quota (429),
+# a failed worker (502), no worker or a drain (503), the deadline (504).
+_GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 502, 503, 504)
+_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "data: <chunk JSON> events, then data: [DONE]"}}}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document without its 422 responses: validation errors here are OpenAI's 400."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 app.add_exception_handler(OpenAIError, _openai_error)  # type: ignore[arg-type]
+app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
 app.add_exception_handler(Exception, _unexpected_error)
 # Starlette runs the last added middleware first: the key is checked before the body size.
 app.add_middleware(admission.BodyLimitMiddleware)
@@ -124,6 +173,19 @@ def _kv_profile(http: Request) -> str | None:
     if not _PROFILE_NAME.fullmatch(name):
         raise OpenAIError(400, f"malformed profile name in {KV_PROFILE_HEADER}", param=KV_PROFILE_HEADER)
     return name
+
+
+def _request_timeout(http: Request, configured_s: float) -> float:
+    raw = http.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return configured_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise OpenAIError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds", param=TIMEOUT_HEADER)
+    return min(value, configured_s)
 
 
 class _Lease:
@@ -198,11 +260,19 @@ class Ingress:
         admission.install_body_limit(limits.max_body_bytes)
         self._gate = admission.AdmissionGate(limits.max_in_flight, limits.max_predicted_ttft_s, limits.retry_after_s)
         self._first_pool = "PrefillWorker" if self.mode == "disaggregated" else "ColocatedWorker"
+        self._needed_pool = "DecodeWorker" if self.mode == "disaggregated" else "ColocatedWorker"
+        self._drain = drain.DrainWatcher(
+            self.settings.redis_url, self.settings.app_name,
+            serve.get_replica_context().replica_id.unique_id, lambda: self._gate.in_flight,
+        )
+        self._drain.start()
 
     # ---- endpoints ---------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health(self) -> JSONResponse:
+        if self._drain.draining:
+            return JSONResponse({"status": "draining", "mode": self.mode}, status_code=503)
         pools = {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}
         status: dict[str, str] = {}
         for name, pool in pools.items():
@@ -213,19 +283,24 @@ class Ingress:
                 status[name] = "ok"
             except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
                 status[name] = f"unhealthy: {type(exc).__name__}"
-        healthy = all(value == "ok" for value in status.values())
-        return JSONResponse(
-            {"status": "ok" if healthy else "unhealthy", "mode": self.mode, "pools": status},
-            status_code=200 if healthy else 503,
-        )
+        if all(value == "ok" for value in status.values()):
+            overall = "ok"
+        elif self.mode == "disaggregated" and status.get("decode") == "ok":
+            # Decode recomputes prompts while prefill is down: slower, but serving.
+            overall = "degraded"
+        else:
+            overall = "unhealthy"
+        return JSONResponse({"status": overall, "mode": self.mode, "pools": status},
+                            status_code=503 if overall == "unhealthy" else 200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def prometheus(self) -> Response:
         # Off the event loop: collecting reads the workers' heartbeats from Redis.
         body = await asyncio.to_thread(metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/admin/compression")
+    @app.get("/admin/compression", responses=_errors(401))
     async def compression(self) -> JSONResponse:
         """The compression controller's view: profiles, per-link bandwidth, decisions."""
         if self.controller is None:
@@ -234,7 +309,7 @@ class Ingress:
         status = await self.controller.status.remote()
         return JSONResponse({"mode": "adaptive", **status})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def models(self) -> JSONResponse:
         if self._models_cache is None:
             pool = self.decode or self.colocated
@@ -242,11 +317,13 @@ class Ingress:
             self._models_cache = await pool.handle.models.remote()
         return JSONResponse(self._models_cache)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={200: {"content": _SSE}, **_GENERATION_ERRORS})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._serve("chat", body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={200: {"content": _SSE}, **_GENERATION_ERRORS})
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         return await self._serve("completions", body, request)
 
@@ -285,12 +362,19 @@ class Ingress:
     ) -> Response:
         self._check(request)
         slo_class = self._slo_class(http)
+        timeout_s = _request_timeout(http, self.settings.routing.request_timeout_s)
         key = getattr(http.state, "api_key", None)
         if key is not None:
             await _admit(key)
         body = forwarded_body(request)
         prompt_tokens = _prompt_tokens(body)
         try:
+            # Checked right where the request is counted in flight (no await between), so
+            # a drain's in-flight report never misses a request admitted after it.
+            if self._drain.draining:
+                metrics.SHED.labels("503").inc()
+                raise OpenAIError(503, "The server is shutting down; retry on another instance.",
+                                  code="shutting_down", headers={"Retry-After": str(self.settings.admission.retry_after_s)})
             self._admit_load(prompt_tokens)
         except BaseException:
             if key is not None:
@@ -301,7 +385,7 @@ class Ingress:
         tokens = 0
         try:
             response, tokens, handed_to_stream = await self._respond(
-                endpoint, body, prompt_tokens, http, slo_class, lease
+                endpoint, body, prompt_tokens, http, slo_class, lease, timeout_s
             )
             return response
         finally:
@@ -312,7 +396,9 @@ class Ingress:
         """Shed load at once (429/503 with Retry-After) instead of queueing without bound."""
         router = serve_router.router_for(self.settings.app_name, self._first_pool)
         predicted = router.best_predicted_ttft_s(prompt_tokens) if router is not None else None
-        replicas = router.replica_count() if router is not None else None
+        # The pool a request cannot do without: decode recomputes when prefill is gone.
+        needed = serve_router.router_for(self.settings.app_name, self._needed_pool)
+        replicas = needed.replica_count() if needed is not None else None
         try:
             self._gate.admit(predicted, replicas)
         except admission.Overloaded as exc:
@@ -328,17 +414,17 @@ class Ingress:
         http: Request,
         slo_class: str,
         lease: _Lease,
+        deadline: float,
     ) -> tuple[Response, int, bool]:
         """(response, tokens it used if known now, whether a stream now owns the lease)"""
         started = time.monotonic()
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
-        deadline = self.settings.routing.request_timeout_s
         try:
             async with asyncio.timeout(deadline):
                 replies = await self._start(endpoint, body, slo_class, _kv_profile(http))
                 first = await anext(replies, None)
         except TimeoutError:
-            raise OpenAIError(504, f"request timed out after {deadline:.0f}s") from None
+            raise OpenAIError(504, f"request timed out after {deadline:g}s") from None
         if first is None:
             raise OpenAIError(502, "the decode worker returned nothing")
         if first.kind != CHUNK:
@@ -348,7 +434,7 @@ class Ingress:
         headers = {"x-request-id": request_id}
         if first.kind == RESPONSE:
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
-            metrics.REQUESTS.labels(http.url.path, "200").inc()
+            metrics.count_request(http.url.path, "200")
             usage = (first.body.get("usage") if isinstance(first.body, dict) else None) or {}
             metrics.GENERATION_TOKENS.labels(endpoint).inc(int(usage.get("completion_tokens") or 0))
             return JSONResponse(first.body, headers=headers), int(usage.get("total_tokens") or 0), False
@@ -382,7 +468,11 @@ class Ingress:
             return self.colocated.stream(endpoint, body)
         assert self.prefill is not None and self.decode is not None
         prefill_started = time.monotonic()
-        prefill = await run_prefill(self.prefill, endpoint, body, slo_class, kv_profile)
+        router = serve_router.router_for(self.settings.app_name, "PrefillWorker")
+        prefill = await run_prefill_watched(
+            self.prefill, endpoint, body, slo_class, kv_profile,
+            pool_has_replicas=(lambda: router.replica_count() > 0) if router is not None else None,
+        )
         metrics.PREFILL_SECONDS.observe(time.monotonic() - prefill_started)
         if prefill.outcome == PrefillOutcome.CLIENT_ERROR:
             assert prefill.error is not None
@@ -410,7 +500,7 @@ class Ingress:
         chunks = 1
         try:
             yield first.body
-            async with asyncio.timeout(max(1.0, deadline - (time.monotonic() - started))):
+            async with asyncio.timeout(max(0.0, deadline - (time.monotonic() - started))):
                 async for reply in rest:
                     if reply.kind == CHUNK:
                         yield reply.body
@@ -433,7 +523,7 @@ class Ingress:
             yield _sse_error(error_body(502, f"decode worker failed: {type(exc).__name__}"))
         finally:
             await rest.aclose()  # type: ignore[attr-defined]
-            metrics.REQUESTS.labels(path, status).inc()
+            metrics.count_request(path, status)
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
             if chunks > 1:
                 metrics.TPOT.labels(endpoint, self.mode).observe((last_at - first_at) / (chunks - 1))

@@ -18,6 +18,22 @@ REQUESTS = Counter(
     "Requests answered by the ingress, by endpoint and HTTP status.",
     ["endpoint", "status"],
 )
+# The endpoint label takes these values and "other": a label per path a client makes up
+# would grow the registry without bound.
+KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+                   "/admin/compression", "/openapi.json", "/docs")
+
+
+def endpoint_label(path: str) -> str:
+    """The known endpoint a request path names (behind any route prefix), else "other"."""
+    for endpoint in KNOWN_ENDPOINTS:
+        if path.endswith(endpoint):
+            return endpoint
+    return "other"
+
+
+def count_request(path: str, status: int | str) -> None:
+    REQUESTS.labels(endpoint_label(path), str(status)).inc()
 TTFT = Histogram(
     "tandem:time_to_first_token_seconds",
     "Time from request arrival to the first streamed content chunk.",

@@ -8,8 +8,10 @@ prompt itself: a request is never failed for a broken prefill worker or KV hando
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,22 +81,61 @@ async def run_prefill(
     kv_profile: str | None = None,
 ) -> PrefillResult:
     try:
-        async for reply in pool.stream(endpoint, prefill_body(body, slo_class, kv_profile)):
-            if reply.kind == ERROR:
-                if 400 <= reply.status < 500:
-                    return PrefillResult(PrefillOutcome.CLIENT_ERROR, error=reply)
-                return PrefillResult(PrefillOutcome.FAILED, reason=f"prefill error {reply.status}")
-            if reply.kind == RESPONSE:
-                params = reply.body.get("kv_transfer_params")
-                if not params:
-                    return PrefillResult(
-                        PrefillOutcome.FAILED, reason="prefill returned no kv_transfer_params"
-                    )
-                return PrefillResult(PrefillOutcome.OK, kv_transfer_params=params)
+        # Closed explicitly, also when this task is cancelled: closing the stream is what
+        # aborts the engine request on the prefill replica.
+        async with contextlib.aclosing(pool.stream(endpoint, prefill_body(body, slo_class, kv_profile))) as replies:
+            async for reply in replies:
+                if reply.kind == ERROR:
+                    if 400 <= reply.status < 500:
+                        return PrefillResult(PrefillOutcome.CLIENT_ERROR, error=reply)
+                    return PrefillResult(PrefillOutcome.FAILED, reason=f"prefill error {reply.status}")
+                if reply.kind == RESPONSE:
+                    params = reply.body.get("kv_transfer_params")
+                    if not params:
+                        return PrefillResult(
+                            PrefillOutcome.FAILED, reason="prefill returned no kv_transfer_params"
+                        )
+                    return PrefillResult(PrefillOutcome.OK, kv_transfer_params=params)
         return PrefillResult(PrefillOutcome.FAILED, reason="prefill returned nothing")
     except Exception as exc:  # noqa: BLE001 - any worker failure means "recompute"
         log.warning("prefill failed, decode will recompute: %r", exc)
         return PrefillResult(PrefillOutcome.FAILED, reason=f"{type(exc).__name__}: {exc}")
+
+
+NO_PREFILL_REPLICA = "no prefill replica"
+
+
+async def run_prefill_watched(
+    pool: WorkerPool,
+    endpoint: str,
+    body: dict[str, Any],
+    slo_class: str | None = None,
+    kv_profile: str | None = None,
+    pool_has_replicas: Callable[[], bool] | None = None,
+    poll_s: float = 0.5,
+) -> PrefillResult:
+    """`run_prefill`, given up for decode to recompute as soon as the prefill pool has no
+    replica left. A request routed to a replica that then dies waits at the router for a
+    replacement, which takes as long as an engine start (tens of seconds); decode can
+    answer it in about one prefill time instead."""
+    if pool_has_replicas is None:
+        return await run_prefill(pool, endpoint, body, slo_class, kv_profile)
+    if not pool_has_replicas():
+        return PrefillResult(PrefillOutcome.FAILED, reason=NO_PREFILL_REPLICA)
+    task = asyncio.ensure_future(run_prefill(pool, endpoint, body, slo_class, kv_profile))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if not pool_has_replicas():
+                log.warning("the prefill pool has no replica left; decode recomputes the prompt")
+                return PrefillResult(PrefillOutcome.FAILED, reason=NO_PREFILL_REPLICA)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def decode_body(body: dict[str, Any], prefill: PrefillResult) -> dict[str, Any]:

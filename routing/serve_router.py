@@ -24,7 +24,7 @@ from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import RequestRouter
 
-from routing import metrics
+from routing import metrics, router_registry
 from routing.dualmap import Decision, InstanceLoad, text_prefix_key
 from routing.policies import RouteRequest, RoutingPolicy, make_policy, text_blocks
 
@@ -129,14 +129,13 @@ class _InFlight:
     routed_at: float
 
 
-# This process's routers by (app, deployment): the ingress asks its prefill router for the
-# pool's best predicted TTFT (admission control). Serve creates a router lazily, at a
-# handle's first call.
-_ROUTERS: dict[tuple[str, str], TandemRequestRouter] = {}
+# This process's routers by (app, deployment), in routing.router_registry: the ingress asks
+# its prefill router for the pool's best predicted TTFT (admission control) and whether the
+# pool still has a replica. Serve creates a router lazily, at a handle's first call.
 
 
 def router_for(app_name: str, deployment: str) -> TandemRequestRouter | None:
-    return _ROUTERS.get((app_name, deployment))
+    return router_registry.ROUTERS.get((app_name, deployment))
 
 
 class TandemRequestRouter(RequestRouter):
@@ -173,7 +172,7 @@ class TandemRequestRouter(RequestRouter):
         self._stats_seen: dict[str, Any] = {}
         deployment = getattr(self, "_deployment_id", None)
         if deployment is not None:
-            _ROUTERS[(deployment.app_name, deployment.name)] = self
+            router_registry.ROUTERS[(deployment.app_name, deployment.name)] = self
 
     # ---- for admission control -----------------------------------------------------------
 

@@ -48,7 +48,7 @@ if "cpu" in extras or "gpu" in extras:
 if "nixl" in extras:
     mods += ["nixl"]
 if "dev" in extras:
-    mods += ["pytest", "openai"]
+    mods += ["pytest", "openai", "schemathesis", "locust", "helm"]
 for name in mods:
     importlib.import_module(name)
 print("install ok:", ", ".join(mods))

@@ -161,7 +161,9 @@ class CompressionControllerDeployment:
         import redis.asyncio as aioredis
 
         self.loop = ControllerLoop(settings)
-        self._client = aioredis.Redis.from_url(self.loop.settings.redis_url)
+        # Longer than the XREAD block, so only a Redis that hangs trips it.
+        self._client = aioredis.Redis.from_url(self.loop.settings.redis_url, socket_timeout=5.0,
+                                               socket_connect_timeout=2.0)
         self._registry = WorkerRegistry(self.loop.settings.redis_url, self.loop.settings.app_name)
         self._task = asyncio.create_task(self._run())
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())

@@ -246,7 +246,9 @@ def run_profile(
         except (redis.RedisError, OSError) as exc:  # Redis down: the file is written first, keep it
             console.print(f"[yellow]library not stored in Redis ({exc}); on disk at {library_path(name)}")
             run.library_path = library_path(name)
-        console.print(f"library: {run.library_path}" + (f" and Redis {url}" if url else ""))
+        from control_plane.redis_server import redacted
+
+        console.print(f"library: {run.library_path}" + (f" and Redis {redacted(url)}" if url else ""))
     out_dir = out or (library_path(name).parent if store else None)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

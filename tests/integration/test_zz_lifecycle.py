@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import threading
+import time
 
 import httpx
 
-from tests.conftest import TEST_PORT, tandem
+from tests.conftest import BIN, MODEL, ROOT, TEST_PORT, tandem
 
 
 def test_status_reports_roles_and_redis(cluster, cluster_env):
@@ -23,13 +26,48 @@ def test_status_reports_roles_and_redis(cluster, cluster_env):
     assert human.returncode == 0 and "prefill" in human.stdout and "decode" in human.stdout
 
 
-def test_down_stops_everything(cluster, cluster_env):
+def _stream_in_background(url: str, events: list[str]) -> threading.Thread:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a very long story."}],
+            "max_tokens": 1000, "ignore_eos": True, "stream": True}
+
+    def run() -> None:
+        with httpx.Client(timeout=300) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            events.extend(line for line in r.iter_lines() if line)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_down_drains_then_stops_everything(cluster, cluster_env):
     import ray
 
     redis_url = json.loads(tandem("status", "--json", env=cluster_env).stdout)["redis"]["url"]
     ray.shutdown()  # this test process's own driver connection
-    result = tandem("down", env=cluster_env, timeout=180)
-    assert result.returncode == 0, result.stdout + result.stderr
+    events: list[str] = []
+    streaming = _stream_in_background(cluster.url, events)
+    while not events:
+        time.sleep(0.2)
+    down = subprocess.Popen([str(BIN / "tandem"), "down"], cwd=ROOT, env=cluster_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Draining: the ingress refuses new requests at once (503, Retry-After) and says so on
+    # /health, while the stream it accepted goes on.
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{cluster.url}/health", timeout=30).status_code != 503:
+        assert time.monotonic() < deadline, "the ingress never started draining"
+        time.sleep(0.2)
+    refused = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=30,
+                         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert "Retry-After" in refused.headers
+    assert streaming.is_alive(), "the stream ended before the drain began; make it longer"
+    output, _ = down.communicate(timeout=300)
+    assert down.returncode == 0, output
+    streaming.join(timeout=30)
+    # The accepted stream was finished, not cut: every token, the finish reason, [DONE].
+    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), events[-3:]
+    assert any('"finish_reason":"length"' in e for e in events)
+    assert "drained" in output, output
     try:
         httpx.get(f"http://127.0.0.1:{TEST_PORT}/health", timeout=5)
         raise AssertionError("the endpoint still answers after `tandem down`")

@@ -3,10 +3,18 @@ integration tests)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from routing.orchestrator import PrefillOutcome, decode_body, prefill_body, run_prefill
+from routing.orchestrator import (
+    NO_PREFILL_REPLICA,
+    PrefillOutcome,
+    decode_body,
+    prefill_body,
+    run_prefill,
+    run_prefill_watched,
+)
 from workers.engine import ERROR, RESPONSE, WorkerReply
 
 
@@ -64,3 +72,50 @@ async def test_worker_failures_mean_recompute():
         result = await run_prefill(pool, "chat", BODY)
         assert result.outcome == PrefillOutcome.FAILED, pool
         assert "kv_transfer_params" not in decode_body(BODY, result)
+
+
+class StalledPool:
+    """A prefill routed to a replica that died: it waits at the router for a replacement."""
+
+    def __init__(self):
+        self.closed = asyncio.Event()
+
+    async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[WorkerReply]:
+        try:
+            await asyncio.sleep(3600)
+            yield WorkerReply(RESPONSE, {})
+        finally:
+            self.closed.set()  # the engine request would be aborted here
+
+
+async def test_prefill_is_given_up_when_the_pool_empties():
+    pool = StalledPool()
+    replicas = [1]
+    asyncio.get_running_loop().call_later(0.2, replicas.clear)
+    result = await asyncio.wait_for(
+        run_prefill_watched(pool, "chat", BODY, pool_has_replicas=lambda: bool(replicas), poll_s=0.05), 5
+    )
+    assert result.outcome == PrefillOutcome.FAILED and result.reason == NO_PREFILL_REPLICA
+    assert pool.closed.is_set()  # the abandoned prefill stream was closed, not left running
+
+
+async def test_no_prefill_replica_goes_straight_to_decode():
+    pool = ScriptedPool(WorkerReply(RESPONSE, {"kv_transfer_params": {"x": 1}}))
+    result = await run_prefill_watched(pool, "chat", BODY, pool_has_replicas=lambda: False)
+    assert result.outcome == PrefillOutcome.FAILED and result.reason == NO_PREFILL_REPLICA
+    assert pool.bodies == []  # never sent
+
+
+async def test_watched_prefill_passes_results_through():
+    params = {"remote_engine_id": "e"}
+    pool = ScriptedPool(WorkerReply(RESPONSE, {"kv_transfer_params": params}))
+    result = await run_prefill_watched(pool, "chat", BODY, pool_has_replicas=lambda: True, poll_s=0.01)
+    assert result.outcome == PrefillOutcome.OK and result.kv_transfer_params == params
+
+
+async def test_cancelled_request_closes_the_prefill_stream():
+    pool = StalledPool()
+    task = asyncio.ensure_future(run_prefill_watched(pool, "chat", BODY, pool_has_replicas=lambda: True, poll_s=0.05))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.wait_for(pool.closed.wait(), 2)

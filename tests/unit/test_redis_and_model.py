@@ -36,3 +36,12 @@ def test_model_resolution(tmp_path, monkeypatch):
 
 def test_bundled_gguf_is_installed():
     assert model.bundled_gguf_path().stat().st_size > 50_000_000
+
+
+def test_printed_redis_urls_hide_the_password():
+    from control_plane.redis_server import redacted
+
+    assert redacted("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redacted("rediss://user:s3cret@host/1") == "rediss://user:***@host/1"
+    assert redacted("redis://127.0.0.1:6390/0") == "redis://127.0.0.1:6390/0"
+    assert redacted(None) is None

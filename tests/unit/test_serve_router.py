@@ -6,6 +6,7 @@ suite routes real requests through the adapter)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray.serve._private.common import DeploymentID, ReplicaID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
@@ -183,3 +184,39 @@ def test_sessions_are_keyed_by_their_opening_single_turns_by_their_system_prompt
     turn3 = {"messages": [*turn2["messages"], {"role": "assistant", "content": "sure"}, {"role": "user", "content": "again"}]}
     other2 = {"messages": [*other["messages"], {"role": "assistant", "content": "ciao"}, {"role": "user", "content": "x"}]}
     assert prefix_key_of(turn2, "", 1024) == prefix_key_of(turn3, "", 1024) != prefix_key_of(other2, "", 1024)
+
+
+_LOAD_SHIPPED_ROUTER = """
+import sys, cloudpickle
+from routing import serve_router
+shipped = cloudpickle.loads(sys.stdin.buffer.read())
+assert shipped is not serve_router.TandemRequestRouter, "not a by-value copy"
+
+class Deployment:
+    app_name, name = "pickled-app", "PrefillWorker"
+
+router = shipped.__new__(shipped)
+router._deployment_id = Deployment()
+router.initialize_state(pool="prefill", policy="round_robin")
+assert serve_router.router_for("pickled-app", "PrefillWorker") is router, "registered in a copy"
+"""
+
+
+def test_a_router_shipped_by_value_still_registers_where_the_ingress_looks():
+    """Serve pickles request-router classes by value into the routing process; the router
+    must still register where the ingress (which imports the module normally) looks."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from routing import serve_router
+
+    cloudpickle.register_pickle_by_value(serve_router)
+    try:
+        shipped = cloudpickle.dumps(TandemRequestRouter)
+    finally:
+        cloudpickle.unregister_pickle_by_value(serve_router)
+    result = subprocess.run([sys.executable, "-c", _LOAD_SHIPPED_ROUTER], input=shipped, capture_output=True,
+                            check=False, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr.decode()[-2000:]

@@ -79,3 +79,12 @@ def test_ingress_merges_worker_families(redis_url):
     assert type_lines and len(type_lines) == len(set(type_lines))  # one family, not one per worker
     replicas = {s.labels["replica"] for s in families["tandem:kv_transfers"].samples}
     assert replicas == {"r1", "r2"}
+
+
+def test_request_metric_labels_stay_bounded():
+    from routing.metrics import endpoint_label
+
+    assert endpoint_label("/v1/chat/completions") == "/v1/chat/completions"
+    assert endpoint_label("/reference/v1/completions") == "/v1/completions"  # behind a route prefix
+    # Paths a client makes up all share one label.
+    assert {endpoint_label(f"/random/{i}") for i in range(100)} == {"other"}

@@ -1,0 +1,81 @@
+"""Faults injected into a running local Tandem stack: the fault tests and the reliability
+benchmark use the same ones.
+
+Replicas are killed the way a crash looks to Ray (``ray.kill`` of the replica actor: its
+process and the vLLM engine-core child go at once, nothing runs a shutdown hook); Serve's
+controller then starts a replacement. Redis is stopped and started on the same port.
+Callers hold a Ray driver connection (``ray.init(address="auto")``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"
+
+
+def replica_actor_names(app_name: str, deployment: str) -> list[str]:
+    import ray
+
+    prefix = f"{REPLICA_ACTOR_PREFIX}{app_name}#{deployment}#"
+    return sorted(
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(prefix)
+    )
+
+
+def kill_replica(app_name: str, deployment: str, index: int = 0) -> str:
+    """Kill one replica actor of ``deployment`` (Serve restarts it); returns its name."""
+    import ray
+
+    names = replica_actor_names(app_name, deployment)
+    if not names:
+        raise LookupError(f"no replica of {app_name}/{deployment}")
+    name = names[index % len(names)]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    return name
+
+
+def running_replicas(app_name: str, deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or deployment not in app.deployments:
+        return 0
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def wait_replicas_running(app_name: str, deployment: str, count: int, timeout_s: float = 300) -> float:
+    """Seconds until ``count`` replicas run again; raises TimeoutError past ``timeout_s``."""
+    started = time.monotonic()
+    while running_replicas(app_name, deployment) < count:
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"{app_name}/{deployment}: fewer than {count} replicas after {timeout_s:.0f}s")
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def engine_core_pids() -> set[int]:
+    """vLLM engine-core processes on this machine (they name themselves VLLM::EngineCore)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return {int(line.split(None, 1)[0]) for line in out.splitlines() if "VLLM::EngineCore" in line}
+
+
+def stop_redis() -> int:
+    """Stop the embedded Redis; returns its port, for `start_redis`."""
+    from control_plane import redis_server
+
+    url = redis_server.embedded_url()
+    if url is None:
+        raise LookupError("no embedded Redis is running")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    redis_server.stop_embedded()
+    return port
+
+
+def start_redis(port: int) -> str:
+    from control_plane import redis_server
+
+    return redis_server.start_embedded(port=port)

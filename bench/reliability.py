@@ -1,0 +1,330 @@
+"""Reliability run on a real local stack: a Locust soak above capacity, then faults injected
+under a steady client load, each request's fate counted.
+
+1. Soak: Locust (loadtest/, streaming shared-prefix chats) with more users than the engines
+   can serve, for several minutes, against a stack with a tight admission limit. Every
+   request must end in success, 429 or 503: no other 5xx, no hang. The ingress replica's RSS
+   is sampled throughout (it must stay flat).
+2. Faults, one after another, while a few clients stream requests back to back:
+   decode replica killed mid-stream, prefill replica killed, Redis stopped and restarted,
+   and finally `tandem down` (drain: in-flight requests finish, new ones get 503).
+   Per fault: requests sent from the fault until recovery (+5 s), how many succeeded, were
+   shed (429/503), failed cleanly (an OpenAI error, e.g. the SSE error event of a stream
+   whose decode replica died) or were lost (no answer, a hang, a stream cut without an
+   error or [DONE]: must be 0), and the time until requests succeed again.
+
+Writes bench/results/reliability.{json,csv,png}. Needs the machine to itself (it starts
+and stops its own stack with `tandem up` / `tandem down`).
+
+    python -m bench.reliability [--soak-s 300] [--soak-users 48]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typer
+
+from bench import fault_injection as faults
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TANDEM = str(Path(sys.executable).parent / "tandem")
+MODEL = "smollm2-135m-instruct"
+APP = "tandem"
+ACCEPTED = "ok"
+SHED = "shed"
+FAILED = "failed"
+LOST = "lost"
+
+
+# ---- a steady client load whose every request is classified -----------------------------
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    status: int
+    fate: str  # ok | shed | failed | lost
+    detail: str = ""
+
+
+async def _one_stream(client: httpx.AsyncClient, url: str, index: int) -> Outcome:
+    body = {"model": MODEL, "stream": True, "max_tokens": 32, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Request {index}: describe a harbour at dawn."}]}
+    started = time.monotonic()
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code in (429, 503):
+                await response.aread()
+                return Outcome(started, time.monotonic(), response.status_code, SHED)
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                shaped = '"error"' in text
+                return Outcome(started, time.monotonic(), response.status_code, FAILED if shaped else LOST, text[:200])
+            last = ""
+            errored = False
+            async for line in response.aiter_lines():
+                if line:
+                    last = line
+                    errored = errored or line.startswith('data: {"error"')
+            if last != "data: [DONE]":
+                return Outcome(started, time.monotonic(), 200, LOST, f"stream cut after {last[:80]!r}")
+            return Outcome(started, time.monotonic(), 200, FAILED if errored else ACCEPTED)
+    except (httpx.HTTPError, OSError) as exc:
+        return Outcome(started, time.monotonic(), 0, LOST, f"{type(exc).__name__}: {exc}"[:200])
+
+
+class SteadyLoad:
+    """``clients`` loops sending streaming requests back to back, in a thread of its own."""
+
+    def __init__(self, url: str, clients: int = 3):
+        self.url = url
+        self.clients = clients
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10)) as client:
+            counter = iter(range(10**9))
+
+            async def loop() -> None:
+                while not self._stop.is_set():
+                    outcome = await _one_stream(client, self.url, next(counter))
+                    self.outcomes.append(outcome)
+                    if outcome.fate != ACCEPTED:
+                        await asyncio.sleep(0.5)  # as a client honouring Retry-After would
+
+            await asyncio.gather(*(loop() for _ in range(self.clients)))
+
+    def __enter__(self) -> SteadyLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=180)
+
+    def window(self, start: float, end: float) -> list[Outcome]:
+        return [o for o in self.outcomes if start <= o.started <= end]
+
+    def first_success_after(self, moment: float, timeout_s: float = 300) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for outcome in list(self.outcomes):
+                if outcome.started >= moment and outcome.fate == ACCEPTED:
+                    return outcome.ended - moment
+            time.sleep(0.5)
+        raise TimeoutError("no request succeeded after the fault")
+
+
+def _counts(outcomes: list[Outcome]) -> dict[str, int]:
+    counts = {"sent": len(outcomes)}
+    for fate in (ACCEPTED, SHED, FAILED, LOST):
+        counts[fate] = sum(o.fate == fate for o in outcomes)
+    return counts
+
+
+# ---- the stack ----------------------------------------------------------------------------
+
+
+def _env(port: int) -> dict[str, str]:
+    # Tight admission, so the soak's overload is shed at the door instead of queued.
+    return {**os.environ, "TANDEM_PORT": str(port), "TANDEM_ADMISSION__MAX_IN_FLIGHT": "8",
+            "TANDEM_ADMISSION__MAX_PREDICTED_TTFT_S": "10", "TANDEM_ROUTING__DRAIN_GRACE_S": "60"}
+
+
+def _start_stack(port: int) -> None:
+    from control_plane.cli import local_ray_running
+
+    if local_ray_running():
+        raise SystemExit("a local Ray cluster is running: stop it (`tandem down`) first")
+    done = subprocess.run([TANDEM, "up"], env=_env(port), cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    if done.returncode != 0:
+        raise SystemExit(f"tandem up failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def _ingress_rss_bytes(app: str = APP) -> int | None:
+    out = subprocess.run(["ps", "-eo", "rss=,args="], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        rss, _, args = line.strip().partition(" ")
+        if f"ServeReplica:{app}:Ingress" in args:
+            return int(rss) * 1024
+    return None
+
+
+# ---- phases -------------------------------------------------------------------------------
+
+
+def soak(url: str, duration_s: float, users: int, out_dir: Path) -> dict[str, Any]:
+    from loadtest.cli import run_loadtest
+    from loadtest.report import read_records_csv
+
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        started = time.monotonic()
+        while not stop.is_set():
+            rss = _ingress_rss_bytes()
+            if rss is not None:
+                samples.append((time.monotonic() - started, rss))
+            stop.wait(5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        summary = run_loadtest(url, workload="shared-prefix", shape="steady", duration_s=duration_s, users=users,
+                               out_dir=out_dir, max_tokens=32,
+                               extra_args=("--think-time", "0", "--request-timeout", "180"))
+    finally:
+        stop.set()
+        sampler.join()
+    records = read_records_csv(out_dir / "requests.csv")
+    by_status: dict[str, int] = {}
+    for record in records:
+        by_status[str(record.status)] = by_status.get(str(record.status), 0) + 1
+    ok = sum(r.ok for r in records)
+    shed = sum(r.status in (429, 503) for r in records)
+    hangs = sum(r.status == 0 for r in records)
+    other_5xx = sum(r.status >= 500 and r.status != 503 for r in records)
+    failed = len(records) - ok - shed
+    rss = [value for _, value in samples]
+    quarter = max(1, len(rss) // 4)
+    return {
+        "duration_s": duration_s, "users": users, "requests": len(records), "succeeded": ok, "shed": shed,
+        "failed": failed, "other_5xx": other_5xx, "hangs": hangs, "by_status": by_status,
+        "errors": summary.get("errors", {}),
+        "ingress_rss_mib": [(round(t, 1), round(v / 2**20, 1)) for t, v in samples],
+        # Flat memory: the last quarter's median against the first quarter's.
+        "rss_growth_ratio": (sorted(rss[-quarter:])[quarter // 2] / sorted(rss[:quarter])[quarter // 2]) if rss else None,
+    }
+
+
+def fault_runs(url: str, port: int) -> list[dict[str, Any]]:
+    import ray
+
+    from control_plane.redis_server import embedded_url
+    from control_plane.state import list_workers
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    results: list[dict[str, Any]] = []
+    with SteadyLoad(url) as load:
+        time.sleep(20)  # a steady state first
+
+        def record(name: str, injected: float, recover_s: float, note: str = "") -> None:
+            window = load.window(injected, injected + recover_s + 5)
+            results.append({"fault": name, **_counts(window), "recover_s": round(recover_s, 1), "note": note})
+            print(f"{name}: {results[-1]}", flush=True)
+
+        for name, deployment in (("decode replica killed", "DecodeWorker"), ("prefill replica killed", "PrefillWorker")):
+            injected = time.monotonic()
+            faults.kill_replica(APP, deployment)
+            recover_s = load.first_success_after(injected)
+            replaced_s = faults.wait_replicas_running(APP, deployment, 1) + (time.monotonic() - injected)
+            time.sleep(10)
+            record(name, injected, recover_s, f"replacement replica running after {replaced_s:.0f}s")
+
+        redis_url = embedded_url()
+        injected = time.monotonic()
+        port_redis = faults.stop_redis()
+        time.sleep(20)
+        served_while_down = sum(o.fate == ACCEPTED for o in load.window(injected, time.monotonic()))
+        restarted = time.time()
+        faults.start_redis(port_redis)
+        while not any(w.get("heartbeat_at", 0) > restarted for w in list_workers(redis_url, APP)):
+            time.sleep(0.5)
+        record("Redis stopped for 20 s", injected, time.monotonic() - injected,
+               f"{served_while_down} requests succeeded while Redis was down; recover = worker state back in Redis")
+
+        # Last: drain and stop the whole stack under load.
+        ray.shutdown()
+        injected = time.monotonic()
+        down = subprocess.run([TANDEM, "down"], env=_env(port), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        stopped_s = time.monotonic() - injected
+        accepted_before = [o for o in load.outcomes if o.started < injected and o.ended >= injected]
+        window = load.window(injected, injected + stopped_s)
+        during = _counts(window)
+        results.append({
+            "fault": "tandem down (drain)", **during,
+            "in_flight_at_drain": len(accepted_before),
+            "in_flight_finished": sum(o.fate == ACCEPTED for o in accepted_before),
+            "lost": during[LOST] + sum(o.fate == LOST for o in accepted_before),
+            "recover_s": None,
+            "note": f"stopped in {stopped_s:.0f}s; rc={down.returncode}",
+        })
+        print(f"drain: {results[-1]}", flush=True)
+    return results
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rss_ax, fault_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = report["soak"]["ingress_rss_mib"]
+    rss_ax.plot([t for t, _ in series], [v for _, v in series], marker=".")
+    rss_ax.set(title=f"Ingress RSS during the soak ({report['soak']['users']} users)", xlabel="s",
+               ylabel="MiB", ylim=(0, max([v for _, v in series] or [1]) * 1.3))
+    names = [f["fault"] for f in report["faults"]]
+    bottom = [0] * len(names)
+    for fate, colour in ((ACCEPTED, "tab:green"), (SHED, "tab:orange"), (FAILED, "tab:blue"), (LOST, "tab:red")):
+        values = [f[fate] for f in report["faults"]]
+        fault_ax.barh(names, values, left=bottom, color=colour, label=fate)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    fault_ax.set(title="Requests sent from each fault until recovery", xlabel="requests")
+    fault_ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(
+    soak_s: float = typer.Option(300, help="Seconds of soak."),
+    soak_users: int = typer.Option(48, help="Locust users in the soak (well above capacity here)."),
+    port: int = typer.Option(8124, help="Port of the stack this run starts."),
+) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    _start_stack(port)
+    try:
+        soak_report = soak(url, soak_s, soak_users, RESULTS / "reliability-soak")
+        print(f"soak: { {k: v for k, v in soak_report.items() if k != 'ingress_rss_mib'} }", flush=True)
+        fault_report = fault_runs(url, port)
+    finally:
+        subprocess.run([TANDEM, "down", "--grace", "5"], env=_env(port), cwd=ROOT, capture_output=True, timeout=600)
+    report = {"machine": "2 CPU cores, no GPU; SmolLM2-135M on vLLM CPU, 1 prefill + 1 decode",
+              "admission": {"max_in_flight": 8, "max_predicted_ttft_s": 10},
+              "soak": soak_report, "faults": fault_report}
+    (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2))
+    with (RESULTS / "reliability.csv").open("w", newline="") as f:
+        columns = ["fault", "sent", ACCEPTED, SHED, FAILED, LOST, "recover_s", "note"]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerow({"fault": f"soak {soak_s:.0f}s x {soak_users} users", "sent": soak_report["requests"],
+                         ACCEPTED: soak_report["succeeded"], SHED: soak_report["shed"], FAILED: soak_report["failed"],
+                         LOST: soak_report["hangs"], "recover_s": "",
+                         "note": f"other 5xx {soak_report['other_5xx']}; ingress RSS x{soak_report['rss_growth_ratio']:.2f}"})
+        for row in fault_report:
+            writer.writerow(row)
+    _plot(report, RESULTS / "reliability.png")
+    print(f"wrote {RESULTS / 'reliability.json'}, .csv, .png")
+
+
+if __name__ == "__main__":
+    typer.run(main)
+

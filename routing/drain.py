@@ -1,0 +1,96 @@
+"""Graceful drain of the ingress replicas before a shutdown (`tandem drain`, `tandem down`).
+
+A Serve handle reaches one replica, not all of them, so the drain request is a Redis key
+that every ingress replica watches: once it is set, a replica answers new requests with 503
+and `Retry-After` (and /health with 503, so load balancers stop sending), finishes what it
+has accepted, and reports its in-flight count back. The caller waits until every replica
+reports zero or the grace period ends, then deletes the app: nothing accepted is cut off
+while its prefill or decode replica is being torn down under it.
+
+If Redis is unreachable the drain is not signalled; Serve's own graceful shutdown still
+lets each replica finish its requests (up to its graceful_shutdown_timeout_s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+log = logging.getLogger("ray.serve")
+
+POLL_S = 0.5
+
+
+def drain_key(app_name: str) -> str:
+    return f"tandem:{app_name}:drain"
+
+
+def in_flight_key(app_name: str) -> str:
+    return f"tandem:{app_name}:drain:in_flight"
+
+
+class DrainWatcher:
+    """Inside an ingress replica: notices a drain request and reports the in-flight count."""
+
+    def __init__(self, redis_url: str | None, app_name: str, replica_id: str, in_flight: Any):
+        self._client = aioredis.Redis.from_url(redis_url, socket_timeout=1.0) if redis_url else None
+        self._app = app_name
+        self._replica = replica_id
+        self._in_flight = in_flight  # () -> int
+        self.draining = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._client is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except (redis.RedisError, OSError):
+                pass  # Redis down: no drain can be asked for; serving goes on
+            await asyncio.sleep(POLL_S)
+
+    async def poll(self) -> None:
+        assert self._client is not None
+        requested = await self._client.get(drain_key(self._app))
+        if requested and not self.draining:
+            log.info("drain requested: refusing new requests, finishing %d in flight", self._in_flight())
+        self.draining = bool(requested)
+        if self.draining:
+            key = in_flight_key(self._app)
+            await self._client.hset(key, self._replica, self._in_flight())
+            await self._client.expire(key, 600)
+
+
+def request_drain(redis_url: str, app_name: str, ttl_s: float) -> None:
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    client.delete(in_flight_key(app_name))
+    client.set(drain_key(app_name), str(time.time()), ex=max(1, int(ttl_s)))
+
+
+def cancel_drain(redis_url: str, app_name: str) -> None:
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    client.delete(drain_key(app_name), in_flight_key(app_name))
+
+
+def wait_drained(redis_url: str, app_name: str, replicas: int, grace_s: float) -> dict[str, int]:
+    """Wait until ``replicas`` ingress replicas report nothing in flight, at most
+    ``grace_s``; returns the last report (replica id -> requests in flight)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    deadline = time.monotonic() + grace_s
+    report: dict[str, int] = {}
+    while True:
+        raw = client.hgetall(in_flight_key(app_name))
+        report = {k.decode(): int(v) for k, v in raw.items()}
+        if len(report) >= replicas and not any(report.values()):
+            return report
+        if time.monotonic() > deadline:
+            return report
+        time.sleep(POLL_S)
