@@ -189,7 +189,7 @@ def soak(url: str, duration_s: float, users: int, out_dir: Path) -> dict[str, An
     try:
         summary = run_loadtest(url, workload="shared-prefix", shape="steady", duration_s=duration_s, users=users,
                                out_dir=out_dir, max_tokens=32,
-                               extra_args=("--think-time", "0", "--request-timeout", "180"))
+                               extra_args=("--think-time", "0.2", "--request-timeout", "180"))
     finally:
         stop.set()
         sampler.join()

@@ -138,26 +138,63 @@ class InstanceLoad:
 
 
 class TTFTPredictor:
-    """Predicted TTFT = fixed cost + (queued uncached tokens + this request's uncached
-    tokens) / prefill throughput, per instance. Throughput starts from a prior and is
-    calibrated online from observed TTFTs (EWMA of observed/predicted)."""
+    """Predicted TTFT = fixed + work x seconds per token, per instance, where work = the
+    instance's queued uncached prefill tokens + this request's uncached tokens.
 
-    def __init__(self, prior_tokens_per_s: float = 2000.0, fixed_s: float = 0.02, alpha: float = 0.2):
+    Both terms start from a prior and are fitted online to observed TTFTs by recursive least
+    squares with forgetting, so a fixed overhead (scheduling, the KV publication, one decode
+    step) and a per-token cost are told apart. A single multiplicative correction cannot do
+    that: after a few cached requests (work ~ 0, TTFT ~ the overhead) it scales every later
+    prediction by overhead / (prior fixed cost), hundreds of times too high."""
+
+    _KILO = 1000.0  # work in thousands of tokens keeps the two parameters on similar scales
+    _MAX_FIXED_S = 60.0
+    _SECONDS_PER_KTOKEN = (1e-4, 100.0)  # 10M .. 10 tokens/s
+    _MAX_VARIANCE = 100.0
+
+    def __init__(self, prior_tokens_per_s: float = 2000.0, fixed_s: float = 0.02, forgetting: float = 0.95):
         self.prior = prior_tokens_per_s
         self.fixed_s = fixed_s
-        self.alpha = alpha
-        self._scale: dict[str, float] = {}
+        self.forgetting = forgetting
+        # instance -> [fixed_s, s_per_ktoken, P00, P01, P11]
+        self._fits: dict[str, list[float]] = {}
+
+    def _prior_fit(self) -> list[float]:
+        return [self.fixed_s, self._KILO / self.prior, 1.0, 0.0, 1.0]
 
     def predict(self, instance: str, load: InstanceLoad, new_uncached_tokens: int) -> float:
         work = max(0, load.queued_prefill_tokens) + max(0, new_uncached_tokens)
-        return (self.fixed_s + work / self.prior) * self._scale.get(instance, 1.0)
+        return self.predict_work(instance, work)
 
-    def observe(self, instance: str, predicted_s: float, observed_s: float) -> None:
-        if predicted_s <= 0 or observed_s <= 0:
+    def predict_work(self, instance: str, work_tokens: float) -> float:
+        fit = self._fits.get(instance)
+        if fit is None:
+            return self.fixed_s + work_tokens / self.prior
+        return fit[0] + fit[1] * (work_tokens / self._KILO)
+
+    def observe(self, instance: str, work_tokens: float, observed_s: float) -> None:
+        """One observed TTFT of a request that found ``work_tokens`` of work (its own
+        included) on ``instance`` when it was routed."""
+        if work_tokens < 0 or not 0 < observed_s < float("inf"):
             return
-        ratio = (observed_s / predicted_s) * self._scale.get(instance, 1.0)
-        old = self._scale.get(instance, 1.0)
-        self._scale[instance] = (1 - self.alpha) * old + self.alpha * ratio
+        fit = self._fits.setdefault(instance, self._prior_fit())
+        fixed, slope, p00, p01, p11 = fit
+        x1 = work_tokens / self._KILO
+        # P x, with x = (1, x1)
+        px0, px1 = p00 + p01 * x1, p01 + p11 * x1
+        denominator = self.forgetting + px0 + x1 * px1
+        k0, k1 = px0 / denominator, px1 / denominator
+        error = observed_s - (fixed + slope * x1)
+        fixed += k0 * error
+        slope += k1 * error
+        p00, p01, p11 = ((p00 - k0 * px0) / self.forgetting, (p01 - k0 * px1) / self.forgetting,
+                         (p11 - k1 * px1) / self.forgetting)
+        # Bounded: a physical range for both terms, and no covariance wind-up while the
+        # observations repeat one work size.
+        fit[0] = min(max(fixed, 0.0), self._MAX_FIXED_S)
+        fit[1] = min(max(slope, self._SECONDS_PER_KTOKEN[0]), self._SECONDS_PER_KTOKEN[1])
+        scale = max(1.0, (p00 + p11) / self._MAX_VARIANCE)
+        fit[2], fit[3], fit[4] = p00 / scale, p01 / scale, p11 / scale
 
 
 @dataclass
@@ -168,6 +205,9 @@ class Decision:
     predicted_ttft_s: float = 0.0
     # Prompt tokens the chosen instance is expected to compute (not found in its cache).
     uncached_tokens: int = 0
+    # Uncached tokens already queued on the chosen instance when it was chosen (-1: unknown);
+    # with uncached_tokens, the work whose observed TTFT calibrates the predictor.
+    queued_tokens: int = -1
 
 
 def choose(
@@ -196,6 +236,9 @@ def choose(
     def predicted(instance: str) -> float:
         return predictor.predict(instance, loads.get(instance, InstanceLoad()), uncached(instance))
 
+    def queued(instance: str) -> int:
+        return loads.get(instance, InstanceLoad()).queued_prefill_tokens
+
     healthy = [i for i, load in loads.items() if load.healthy]
     if not healthy:
         raise LookupError("no healthy instance in the pool")
@@ -211,7 +254,7 @@ def choose(
     for reason, instance in zip(("affinity", "second_choice"), ranked, strict=False):
         ttft = predicted(instance)
         if ttft <= slo_ttft_s:
-            return Decision(instance, reason, ttft, uncached(instance))
+            return Decision(instance, reason, ttft, uncached(instance), queued(instance))
     pool = healthy if fallback else (ranked or healthy)
     best = min(pool, key=predicted)
-    return Decision(best, "fallback" if fallback else "second_choice", predicted(best), uncached(best))
+    return Decision(best, "fallback" if fallback else "second_choice", predicted(best), uncached(best), queued(best))

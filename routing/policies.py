@@ -309,9 +309,9 @@ class DualMapPolicy(RoutingPolicy):
         self._footprint: dict[str, int] = {}
         # prefix key -> (instance it was moved to by a rebalance, until when)
         self._flipped: dict[bytes, tuple[str, float]] = {}
-        # request id -> (predicted TTFT, uncached tokens) at routing time: calibration from
-        # the observed TTFT, and what a move off its instance relieves
-        self._routed: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        # request id -> (work at routing time (-1: unknown), uncached tokens): calibration
+        # from the observed TTFT, and what a move off its instance relieves
+        self._routed: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
     @property
     def ring(self) -> DualRing:
@@ -360,13 +360,14 @@ class DualMapPolicy(RoutingPolicy):
             if live:
                 stay = min(live, key=lambda i: self._predict(i, loads, request, cached))
                 return Decision(stay, "overloaded_stay", self._predict(stay, loads, request, cached),
-                                self._uncached(stay, request, cached))
+                                self._uncached(stay, request, cached), loads[stay].queued_prefill_tokens)
             return decision
         # A prefix nobody holds: no affinity to keep, so the pool's least loaded takes it
         # (the one caching fewer prefixes among equals).
         healthy = healthy_instances(loads)
         best = min(healthy, key=lambda i: (self._predict(i, loads, request, cached), self._footprint.get(i, 0)))
-        return Decision(best, "cold", self._predict(best, loads, request, cached), request.prompt_tokens)
+        return Decision(best, "cold", self._predict(best, loads, request, cached), request.prompt_tokens,
+                        loads[best].queued_prefill_tokens)
 
     def _uncached(self, instance: str, request: RouteRequest, cached: Mapping[str, float]) -> int:
         return int(request.prompt_tokens * (1.0 - cached.get(instance, 0.0)))
@@ -392,13 +393,14 @@ class DualMapPolicy(RoutingPolicy):
             _, forgotten = self._holders.popitem(last=False)
             for instance in forgotten:
                 self._footprint[instance] -= 1
-        self._routed[request.request_id] = (decision.predicted_ttft_s, decision.uncached_tokens or request.prompt_tokens)
+        work = decision.queued_tokens + decision.uncached_tokens if decision.queued_tokens >= 0 else -1
+        self._routed[request.request_id] = (work, decision.uncached_tokens or request.prompt_tokens)
         while len(self._routed) > self.memory:
             self._routed.popitem(last=False)
 
     def on_completed(self, request_id: str, instance: str, ttft_s: float | None = None) -> None:
         routed = self._routed.pop(request_id, None)
-        if routed is not None and ttft_s is not None and routed[0] > 0:
+        if routed is not None and ttft_s is not None and routed[0] >= 0:
             self.predictor.observe(instance, routed[0], ttft_s)
 
     def is_hot(self, load_tokens: float, mean_tokens: float) -> bool:
@@ -446,7 +448,8 @@ class DualMapPolicy(RoutingPolicy):
                 work[target] += added
                 self._flipped[request.prefix_key] = (target, self.clock() + self.flip_s)
                 predicted = self.predictor.predict(target, loads[target], added)
-                moves.append((request, Decision(target, "rebalance", predicted, added)))
+                moves.append((request, Decision(target, "rebalance", predicted, added,
+                                                loads[target].queued_prefill_tokens)))
         return moves
 
 

@@ -104,13 +104,36 @@ def test_dead_candidates_are_skipped():
 
 
 def test_predictor_calibrates_to_observed_ttft():
-    predictor = TTFTPredictor(prior_tokens_per_s=1000.0, fixed_s=0.0, alpha=0.5)
+    predictor = TTFTPredictor(prior_tokens_per_s=1000.0, fixed_s=0.0)
     load = InstanceLoad(queued_prefill_tokens=0)
     for _ in range(20):  # the instance is really twice as slow as the prior says
-        predicted = predictor.predict("x", load, 1000)
-        predictor.observe("x", predicted, 2.0)
+        predictor.observe("x", 1000, 2.0)
     assert abs(predictor.predict("x", load, 1000) - 2.0) < 0.05
     assert predictor.predict("y", load, 1000) == 1.0  # other instances keep the prior
+
+
+def test_predictor_separates_fixed_cost_from_per_token_cost():
+    """Real engines: ~0.4 s of overhead per request plus 500 tokens/s, noisy, with mostly
+    cached prompts (little work). A multiplicative correction fitted on those predicted
+    minutes for an uncached prompt; the fit predicts about the truth."""
+    rng = random.Random(7)
+    predictor = TTFTPredictor(prior_tokens_per_s=2000.0, fixed_s=0.02)
+    for _ in range(200):
+        work = rng.choice([0, 0, 0, 20, 40, 450, 900, 2000])
+        predictor.observe("x", work, (0.4 + work / 500) * rng.uniform(0.9, 1.1))
+    for work in (0, 450, 3000):
+        truth = 0.4 + work / 500
+        assert abs(predictor.predict_work("x", work) - truth) < 0.15 * truth + 0.05, work
+
+
+def test_predictor_stays_bounded_on_degenerate_observations():
+    predictor = TTFTPredictor(prior_tokens_per_s=2000.0, fixed_s=0.02)
+    for _ in range(500):  # one work size only, and junk
+        predictor.observe("x", 0, 1.0)
+        predictor.observe("x", 10, float("nan"))
+        predictor.observe("x", 10, -1.0)
+    assert abs(predictor.predict_work("x", 0) - 1.0) < 0.05
+    assert 0 < predictor.predict_work("x", 1000) < 1.0 + 1000 * 0.1  # at most 10 tokens/s
 
 
 def test_distinct_candidates_always_offer_two_choices():

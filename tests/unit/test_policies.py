@@ -107,8 +107,9 @@ def test_ttft_feedback_calibrates_the_predictor():
     policy = DualMapPolicy(prior_tokens_per_s=1000)
     loads = pool(2)
     decision = route(policy, request("a", 1), loads)
+    before = policy.predictor.predict_work(decision.instance, 1000)
     policy.on_completed("a", decision.instance, ttft_s=decision.predicted_ttft_s * 3)
-    assert policy.predictor._scale[decision.instance] > 1.0
+    assert policy.predictor.predict_work(decision.instance, 1000) > before
 
 
 def test_prefix_tree_follows_matches_until_the_pool_is_imbalanced():

@@ -133,11 +133,12 @@ async def test_in_flight_accounting_and_ttft_feedback():
     replicas = [_replica(f"r{i}") for i in range(2)]
     request = _request("sys " * 100, "question", "t0")
     chosen = await _route(router, replicas, request)
+    before = router.policy.predictor.predict_work(chosen, 1000)
     assert router._running[chosen] == 1 and router._queued_tokens[chosen] > 0
     router.on_request_completed(replicas[0].replica_id, "t0")
     assert router._running[chosen] == 0 and router._queued_tokens[chosen] == 0
     # The observed duration calibrated the predictor (well under the prior's prediction).
-    assert router.policy.predictor._scale[chosen] < 1.0
+    assert router.policy.predictor.predict_work(chosen, 1000) < before
 
 
 async def test_non_generate_calls_go_anywhere():
