@@ -44,9 +44,11 @@ TANDEM = str(Path(sys.executable).parent / "tandem")
 MODEL = "smollm2-135m-instruct"
 APP = "tandem"
 ACCEPTED = "ok"
-SHED = "shed"
-FAILED = "failed"
-LOST = "lost"
+SHED = "shed"  # 429 / 503 with Retry-After
+FAILED = "failed"  # an OpenAI-shaped error, e.g. the SSE error event of a cut stream
+REFUSED = "refused"  # never accepted: the connection refused, or the route already gone
+LOST = "lost"  # accepted, then no answer: a hang, a dropped connection, a silent cut
+FATES = (ACCEPTED, SHED, FAILED, REFUSED, LOST)
 
 
 # ---- a steady client load whose every request is classified -----------------------------
@@ -72,8 +74,11 @@ async def _one_stream(client: httpx.AsyncClient, url: str, index: int) -> Outcom
                 return Outcome(started, time.monotonic(), response.status_code, SHED)
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
-                shaped = '"error"' in text
-                return Outcome(started, time.monotonic(), response.status_code, FAILED if shaped else LOST, text[:200])
+                if '"error"' in text:
+                    return Outcome(started, time.monotonic(), response.status_code, FAILED, text[:200])
+                # Serve's proxy once the app is deleted: the request was never taken.
+                fate = REFUSED if response.status_code == 404 else LOST
+                return Outcome(started, time.monotonic(), response.status_code, fate, text[:200])
             last = ""
             errored = False
             async for line in response.aiter_lines():
@@ -83,6 +88,8 @@ async def _one_stream(client: httpx.AsyncClient, url: str, index: int) -> Outcom
             if last != "data: [DONE]":
                 return Outcome(started, time.monotonic(), 200, LOST, f"stream cut after {last[:80]!r}")
             return Outcome(started, time.monotonic(), 200, FAILED if errored else ACCEPTED)
+    except httpx.ConnectError as exc:
+        return Outcome(started, time.monotonic(), 0, REFUSED, f"{type(exc).__name__}: {exc}"[:200])
     except (httpx.HTTPError, OSError) as exc:
         return Outcome(started, time.monotonic(), 0, LOST, f"{type(exc).__name__}: {exc}"[:200])
 
@@ -119,7 +126,8 @@ class SteadyLoad:
         self._thread.join(timeout=180)
 
     def window(self, start: float, end: float) -> list[Outcome]:
-        return [o for o in self.outcomes if start <= o.started <= end]
+        """Requests in flight at ``start`` or sent until ``end``."""
+        return [o for o in self.outcomes if o.ended >= start and o.started <= end]
 
     def first_success_after(self, moment: float, timeout_s: float = 300) -> float:
         deadline = time.monotonic() + timeout_s
@@ -133,7 +141,7 @@ class SteadyLoad:
 
 def _counts(outcomes: list[Outcome]) -> dict[str, int]:
     counts = {"sent": len(outcomes)}
-    for fate in (ACCEPTED, SHED, FAILED, LOST):
+    for fate in FATES:
         counts[fate] = sum(o.fate == fate for o in outcomes)
     return counts
 
@@ -230,13 +238,20 @@ def fault_runs(url: str, port: int) -> list[dict[str, Any]]:
             results.append({"fault": name, **_counts(window), "recover_s": round(recover_s, 1), "note": note})
             print(f"{name}: {results[-1]}", flush=True)
 
+        from ray import serve
+
         for name, deployment in (("decode replica killed", "DecodeWorker"), ("prefill replica killed", "PrefillWorker")):
+            time.sleep(2)  # streams are in flight (the load never pauses)
             injected = time.monotonic()
-            faults.kill_replica(APP, deployment)
+            killed = faults.kill_replica(APP, deployment)
             recover_s = load.first_success_after(injected)
-            replaced_s = faults.wait_replicas_running(APP, deployment, 1) + (time.monotonic() - injected)
+            while killed in faults.replica_actor_names(APP, deployment):
+                time.sleep(0.5)
+            # A handle call waits at Serve's router until a live replica takes it.
+            serve.get_deployment_handle(deployment, app_name=APP).check_health.remote().result(timeout_s=600)
+            replaced_s = time.monotonic() - injected
             time.sleep(10)
-            record(name, injected, recover_s, f"replacement replica running after {replaced_s:.0f}s")
+            record(name, injected, recover_s, f"replacement replica serving after {replaced_s:.0f}s")
 
         redis_url = embedded_url()
         injected = time.monotonic()
@@ -256,7 +271,7 @@ def fault_runs(url: str, port: int) -> list[dict[str, Any]]:
         down = subprocess.run([TANDEM, "down"], env=_env(port), cwd=ROOT, capture_output=True, text=True, timeout=600)
         stopped_s = time.monotonic() - injected
         accepted_before = [o for o in load.outcomes if o.started < injected and o.ended >= injected]
-        window = load.window(injected, injected + stopped_s)
+        window = [o for o in load.outcomes if injected <= o.started <= injected + stopped_s]
         during = _counts(window)
         results.append({
             "fault": "tandem down (drain)", **during,
@@ -283,12 +298,13 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                ylabel="MiB", ylim=(0, max([v for _, v in series] or [1]) * 1.3))
     names = [f["fault"] for f in report["faults"]]
     bottom = [0] * len(names)
-    for fate, colour in ((ACCEPTED, "tab:green"), (SHED, "tab:orange"), (FAILED, "tab:blue"), (LOST, "tab:red")):
+    for fate, colour in ((ACCEPTED, "tab:green"), (SHED, "tab:orange"), (FAILED, "tab:blue"), (REFUSED, "tab:gray"),
+                         (LOST, "tab:red")):
         values = [f[fate] for f in report["faults"]]
         fault_ax.barh(names, values, left=bottom, color=colour, label=fate)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     fault_ax.set(title="Requests sent from each fault until recovery", xlabel="requests")
-    fault_ax.legend(loc="lower right")
+    fault_ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -312,12 +328,12 @@ def main(
               "soak": soak_report, "faults": fault_report}
     (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2))
     with (RESULTS / "reliability.csv").open("w", newline="") as f:
-        columns = ["fault", "sent", ACCEPTED, SHED, FAILED, LOST, "recover_s", "note"]
+        columns = ["fault", "sent", *FATES, "recover_s", "note"]
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerow({"fault": f"soak {soak_s:.0f}s x {soak_users} users", "sent": soak_report["requests"],
                          ACCEPTED: soak_report["succeeded"], SHED: soak_report["shed"], FAILED: soak_report["failed"],
-                         LOST: soak_report["hangs"], "recover_s": "",
+                         REFUSED: 0, LOST: soak_report["hangs"], "recover_s": "",
                          "note": f"other 5xx {soak_report['other_5xx']}; ingress RSS x{soak_report['rss_growth_ratio']:.2f}"})
         for row in fault_report:
             writer.writerow(row)

@@ -39,7 +39,7 @@ fi
 
 # Fail here, not later: everything the service and the tests import must import.
 "$VENV/bin/python" - <<'PY'
-import importlib, sys
+import importlib, importlib.util, sys
 mods = ["ray.serve", "fastapi", "redis", "typer", "control_plane.cli", "routing.ingress", "workers.deployments"]
 import os
 extras = os.environ.get("EXTRAS", "")
@@ -48,7 +48,11 @@ if "cpu" in extras or "gpu" in extras:
 if "nixl" in extras:
     mods += ["nixl"]
 if "dev" in extras:
-    mods += ["pytest", "openai", "schemathesis", "locust", "helm"]
+    mods += ["pytest", "openai", "schemathesis", "helm"]
+    # Locust monkey-patches the standard library on import: it only ever runs in its own
+    # process (`tandem loadtest`), so here it only has to be there.
+    if importlib.util.find_spec("locust") is None:
+        sys.exit("locust is not installed")
 for name in mods:
     importlib.import_module(name)
 print("install ok:", ", ".join(mods))
