@@ -259,8 +259,10 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
     if not apps or not redis_url or not redis_server.ping(redis_url, timeout=2.0):
         return {}
     for name in apps:
-        drain.request_drain(redis_url, name, ttl_s=grace_s + 120)
-    deadline = time.monotonic() + grace_s
+        drain.request_drain(redis_url, name, grace_s=grace_s, ttl_s=grace_s + 120)
+    # The replicas end streams still running at the grace with an error event; a few more
+    # seconds let them report that.
+    deadline = time.monotonic() + grace_s + 5
     reports: dict[str, dict[str, int]] = {}
     with console.status(f"draining {', '.join(apps)} (up to {grace_s:.0f}s)..."):
         for name, replicas in apps.items():

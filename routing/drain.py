@@ -43,6 +43,9 @@ class DrainWatcher:
         self._replica = replica_id
         self._in_flight = in_flight  # () -> int
         self.draining = False
+        # Wall-clock time the drain's grace ends (from the drain key): streams still running
+        # then are ended with an error event rather than cut by the app's deletion.
+        self.deadline: float | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -63,16 +66,29 @@ class DrainWatcher:
         if requested and not self.draining:
             log.info("drain requested: refusing new requests, finishing %d in flight", self._in_flight())
         self.draining = bool(requested)
+        self.deadline = _deadline(requested) if requested else None
         if self.draining:
             key = in_flight_key(self._app)
             await self._client.hset(key, self._replica, self._in_flight())
             await self._client.expire(key, 600)
 
 
-def request_drain(redis_url: str, app_name: str, ttl_s: float) -> None:
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
+
+def _deadline(raw: bytes) -> float | None:
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def request_drain(redis_url: str, app_name: str, grace_s: float, ttl_s: float) -> None:
+    """Ask the app's ingress replicas to drain, finishing their streams within ``grace_s``."""
     client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
     client.delete(in_flight_key(app_name))
-    client.set(drain_key(app_name), str(time.time()), ex=max(1, int(ttl_s)))
+    client.set(drain_key(app_name), str(time.time() + grace_s), ex=max(1, int(ttl_s)))
 
 
 def cancel_drain(redis_url: str, app_name: str) -> None:

@@ -502,6 +502,12 @@ class Ingress:
             yield first.body
             async with asyncio.timeout(max(0.0, deadline - (time.monotonic() - started))):
                 async for reply in rest:
+                    if self._drain.expired():
+                        # The drain's grace is over: end the stream cleanly before the app
+                        # is deleted under it.
+                        status = "503"
+                        yield _sse_error(error_body(503, "the server is shutting down", code="shutting_down"))
+                        return
                     if reply.kind == CHUNK:
                         yield reply.body
                         chunks += 1

@@ -250,6 +250,11 @@ class PrefixTreePolicy(RoutingPolicy):
             tree.popitem(last=False)
 
 
+# A new prefix's instance: predicted TTFTs within 10% + 50 ms of the best count as equal.
+COLD_TIE_RATIO = 1.1
+COLD_TIE_S = 0.05
+
+
 class DualMapPolicy(RoutingPolicy):
     """DualMap: two independent rings give each prefix two candidates; the one likely to
     hold the prefix wins unless its predicted TTFT breaks the SLO, then the other one, then
@@ -365,9 +370,13 @@ class DualMapPolicy(RoutingPolicy):
         # A prefix nobody holds: no affinity to keep, so the pool's least loaded takes it
         # (the one caching fewer prefixes among equals).
         healthy = healthy_instances(loads)
-        best = min(healthy, key=lambda i: (self._predict(i, loads, request, cached), self._footprint.get(i, 0)))
-        return Decision(best, "cold", self._predict(best, loads, request, cached), request.prompt_tokens,
-                        loads[best].queued_prefill_tokens)
+        predicted = {i: self._predict(i, loads, request, cached) for i in healthy}
+        # Predictions this close are the same load seen through calibration noise: among
+        # them, the instance caching fewer prefixes takes the new one.
+        fastest = min(predicted.values())
+        near = [i for i in healthy if predicted[i] <= fastest * COLD_TIE_RATIO + COLD_TIE_S]
+        best = min(near, key=lambda i: (self._footprint.get(i, 0), predicted[i]))
+        return Decision(best, "cold", predicted[best], request.prompt_tokens, loads[best].queued_prefill_tokens)
 
     def _uncached(self, instance: str, request: RouteRequest, cached: Mapping[str, float]) -> int:
         return int(request.prompt_tokens * (1.0 - cached.get(instance, 0.0)))

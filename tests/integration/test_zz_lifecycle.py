@@ -28,7 +28,7 @@ def test_status_reports_roles_and_redis(cluster, cluster_env):
 
 def _stream_in_background(url: str, events: list[str]) -> threading.Thread:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a very long story."}],
-            "max_tokens": 1000, "ignore_eos": True, "stream": True}
+            "max_tokens": 400, "ignore_eos": True, "stream": True}
 
     def run() -> None:
         with httpx.Client(timeout=300) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -48,7 +48,9 @@ def test_down_drains_then_stops_everything(cluster, cluster_env):
     streaming = _stream_in_background(cluster.url, events)
     while not events:
         time.sleep(0.2)
-    down = subprocess.Popen([str(BIN / "tandem"), "down"], cwd=ROOT, env=cluster_env, text=True,
+    # A grace long enough for the stream on this loaded machine (streams still running at
+    # the end of a grace get a 503 error event instead).
+    down = subprocess.Popen([str(BIN / "tandem"), "down", "--grace", "300"], cwd=ROOT, env=cluster_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     # Draining: the ingress refuses new requests at once (503, Retry-After) and says so on
     # /health, while the stream it accepted goes on.

@@ -27,10 +27,10 @@ async def test_replicas_drain_and_report_until_nothing_is_in_flight(redis_url):
         await watcher.poll()
         assert not watcher.draining
 
-    drain.request_drain(redis_url, "app", ttl_s=60)
+    drain.request_drain(redis_url, "app", grace_s=30, ttl_s=60)
     for watcher in watchers.values():
         await watcher.poll()
-        assert watcher.draining
+        assert watcher.draining and not watcher.expired()
     await other_app.poll()
     assert not other_app.draining  # a drain is per app
 
@@ -53,7 +53,14 @@ async def test_replicas_drain_and_report_until_nothing_is_in_flight(redis_url):
     assert not watchers["a"].draining
 
 
+async def test_streams_are_ended_once_the_grace_is_over(redis_url):
+    watcher = drain.DrainWatcher(redis_url, "app", "a", lambda: 1)
+    drain.request_drain(redis_url, "app", grace_s=0, ttl_s=60)
+    await watcher.poll()
+    assert watcher.draining and watcher.expired()
+
+
 def test_waiting_counts_replicas_that_have_not_reported(redis_url):
-    drain.request_drain(redis_url, "app", ttl_s=60)
+    drain.request_drain(redis_url, "app", grace_s=30, ttl_s=60)
     # No replica has seen the request yet: not drained, however long the (short) wait.
     assert drain.wait_drained(redis_url, "app", replicas=1, grace_s=0.3) == {}

@@ -158,3 +158,19 @@ def test_policy_options_are_checked():
         check_policy_options("dualmap", {"hot_raito": 3.0})
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("random_walk")
+
+
+def test_new_prefixes_spread_over_an_idle_pool_despite_calibration_noise():
+    """Once calibrated, two idle instances never predict exactly the same TTFT; new
+    prefixes must still spread over them, not all go to the one that looks a hair faster."""
+    policy = DualMapPolicy(slo_ttft_s=2.0)
+    loads = pool(2)
+    for _ in range(10):
+        policy.predictor.observe("i0", 1000, 0.50)
+        policy.predictor.observe("i1", 1000, 0.52)
+    homes = [route(policy, request(f"r{k}", system=k), loads).instance for k in range(6)]
+    assert homes.count("i0") == 3 and homes.count("i1") == 3, homes
+    # A really slower instance still loses new prefixes.
+    for _ in range(10):
+        policy.predictor.observe("i1", 1000, 2.0)
+    assert route(policy, request("r9", system=99), loads).instance == "i0"
