@@ -82,3 +82,11 @@ def test_cluster_healthy_after_bad_input(http, openai_client):
         temperature=0, max_tokens=16,
     )
     assert "Paris" in reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "0", "inf", "nan"])
+def test_malformed_deadline_header_is_a_400(http, value):
+    response = http.post(CHAT, json={"model": MODEL, "messages": MSG, "max_tokens": 2},
+                         headers={"x-tandem-timeout-s": value})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "x-tandem-timeout-s"

@@ -3,6 +3,7 @@ failure is counted. Faults are injected on the real wire between real workers.""
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import time
@@ -186,3 +187,18 @@ def test_transfer_not_needed_is_released_at_once(cluster, reference_text):
     assert text == reference_text
     assert after["kv_transfers"] == before["kv_transfers"]  # nothing was pulled
     assert _all_blocks_free(cluster, "PrefillWorker", timeout_s=TTL_S / 2)
+
+
+def test_request_deadline_header_ends_a_stream_with_504_and_frees_the_engine(cluster, http):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story about a whale."}],
+            "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    started = time.monotonic()
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"x-tandem-timeout-s": "3"}) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line]
+    assert time.monotonic() - started < 30  # 1500 tokens would take minutes here
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]  # an OpenAI-shaped error event
+    assert error["type"] == "timeout_error" and "timed out" in error["message"]
+    idle = _wait_idle(cluster, "DecodeWorker")
+    assert idle["running"] == 0 and idle["in_flight_requests"] == 0, idle
