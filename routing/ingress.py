@@ -468,6 +468,8 @@ class Ingress:
             return self.colocated.stream(endpoint, body)
         assert self.prefill is not None and self.decode is not None
         prefill_started = time.monotonic()
+        # An empty prefill pool means replicas died, never "scaled to zero" (settings require
+        # at least one): decode serves instead of waiting for a replacement engine.
         router = serve_router.router_for(self.settings.app_name, "PrefillWorker")
         prefill = await run_prefill_watched(
             self.prefill, endpoint, body, slo_class, kv_profile,
