@@ -291,7 +291,11 @@ def drain_command(
     e.g. as a Kubernetes preStop hook. `tandem down` drains first by itself."""
     settings = load_settings(config)
     address = _read_state().get("ray_address") or settings.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
-    _connect_ray(address)
+    try:
+        _connect_ray(address)
+    except ConnectionError as exc:
+        console.print(f"[red]no Ray cluster to drain[/]: {exc}")
+        raise typer.Exit(1) from None
     reports = _drain_ingresses(_redis_url_for_cli(config), settings.routing.drain_grace_s if grace is None else grace)
     if any(sum(report.values()) for report in reports.values()):
         raise typer.Exit(1)

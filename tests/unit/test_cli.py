@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from typer.testing import CliRunner
 
-from control_plane.cli import app
+from control_plane.cli import app, local_ray_running
 
 
 def test_up_rejects_bad_settings_cleanly(tmp_path):
@@ -18,3 +24,12 @@ def test_status_without_a_running_stack(tmp_path, monkeypatch):
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 1 and "not running" in result.output
+
+
+def test_drain_without_a_cluster_says_so(tmp_path):
+    if local_ray_running():
+        pytest.skip("a local Ray cluster is running")
+    env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path), "RAY_ADDRESS": ""}
+    done = subprocess.run([str(Path(sys.executable).parent / "tandem"), "drain", "--grace", "1"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 1 and "no Ray cluster to drain" in done.stdout, done.stdout + done.stderr
