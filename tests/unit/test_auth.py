@@ -12,14 +12,6 @@ from control_plane.settings import load_settings
 from routing.auth import Authenticator, AuthError, KeyLimits, KeyStore, bearer_token, key_hash
 
 
-@pytest.fixture()
-def redis_url(tmp_path, monkeypatch):
-    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
-    url = redis_server.start_embedded(port=6493)
-    yield url
-    redis_server.stop_embedded()
-
-
 class Clock:
     def __init__(self, now: float = 1_000_020.0):
         self.now = now

@@ -33,14 +33,6 @@ LIBRARY = {
 }
 
 
-@pytest.fixture()
-def redis_url(tmp_path, monkeypatch):
-    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
-    url = redis_server.start_embedded(port=6492)
-    yield url
-    redis_server.stop_embedded()
-
-
 def _record(link: str, codec: str, raw: int, bandwidth: float) -> TransferRecord:
     ratio = {"identity": 1.0, "int8": 2.0, "int4": 4.0}[codec]
     wire = int(raw / ratio)

@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
-from control_plane import redis_server
 from routing import drain
-
-
-@pytest.fixture()
-def redis_url(tmp_path, monkeypatch):
-    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
-    url = redis_server.start_embedded(port=6494)
-    yield url
-    redis_server.stop_embedded()
 
 
 async def test_replicas_drain_and_report_until_nothing_is_in_flight(redis_url):

@@ -7,7 +7,6 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane import redis_server
 from control_plane.state import worker_key
 from kv_transport.telemetry import RedisStreamSink, TransferRecord, make_sinks, read_stream
 from routing.metrics import WorkerMetricsCollector
@@ -26,14 +25,6 @@ def test_record_derived_numbers():
     assert record.goodput_bytes_per_s == 4_000_000
     assert _record(wire_bytes=0, total_s=0).goodput_bytes_per_s == 0.0
     assert json.loads(json.dumps(record.to_dict()))["link"] == "a:1->b:2"
-
-
-@pytest.fixture()
-def redis_url(tmp_path, monkeypatch):
-    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
-    url = redis_server.start_embedded(port=6491)
-    yield url
-    redis_server.stop_embedded()
 
 
 def test_redis_stream_sink_round_trip(redis_url):
