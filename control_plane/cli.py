@@ -191,11 +191,16 @@ def _refuse_open_exposure(settings: TandemSettings) -> None:
     raise typer.Exit(2)
 
 
+def _redis_url(settings: TandemSettings) -> str | None:
+    """The Redis a CLI command talks to: the settings', else the one `tandem up` used."""
+    return settings.redis_url or _read_state().get("redis_url") or redis_server.embedded_url()
+
+
 def _key_store(config: Path | None) -> Any:
     from routing.auth import KeyStore
 
     settings = load_settings(config)
-    url = settings.redis_url or _read_state().get("redis_url") or redis_server.embedded_url()
+    url = _redis_url(settings)
     if not url or not redis_server.ping(url):
         console.print("[red]no Redis reachable[/]: start the stack (`tandem up`) or set redis_url")
         raise typer.Exit(1)
@@ -278,10 +283,6 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
     return reports
 
 
-def _redis_url_for_cli(config: Path | None = None) -> str | None:
-    return load_settings(config).redis_url or _read_state().get("redis_url") or redis_server.embedded_url()
-
-
 @app.command("drain")
 def drain_command(
     grace: float | None = typer.Option(None, help="Seconds to wait for in-flight requests (default: routing.drain_grace_s)."),
@@ -296,7 +297,7 @@ def drain_command(
     except ConnectionError as exc:
         console.print(f"[red]no Ray cluster to drain[/]: {exc}")
         raise typer.Exit(1) from None
-    reports = _drain_ingresses(_redis_url_for_cli(config), settings.routing.drain_grace_s if grace is None else grace)
+    reports = _drain_ingresses(_redis_url(settings), settings.routing.drain_grace_s if grace is None else grace)
     if any(sum(report.values()) for report in reports.values()):
         raise typer.Exit(1)
 
