@@ -38,23 +38,30 @@ def kill_replica(app_name: str, deployment: str, index: int = 0) -> str:
     return name
 
 
-def running_replicas(app_name: str, deployment: str) -> int:
+def wait_replaced(app_name: str, deployment: str, killed: str, count: int = 1, timeout_s: float = 300) -> None:
+    """Until the killed replica is gone and ``count`` replicas run again, one of them
+    answering a call. Serve's status alone can still count a replica that just died as
+    running, so the dead actor's name must be gone first."""
     from ray import serve
 
-    app = serve.status().applications.get(app_name)
-    if app is None or deployment not in app.deployments:
-        return 0
-    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+    deadline = time.monotonic() + timeout_s
 
+    def wait_for(condition, what: str) -> None:
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{app_name}/{deployment}: {what} after {timeout_s:.0f}s")
+            time.sleep(0.5)
 
-def wait_replicas_running(app_name: str, deployment: str, count: int, timeout_s: float = 300) -> float:
-    """Seconds until ``count`` replicas run again; raises TimeoutError past ``timeout_s``."""
-    started = time.monotonic()
-    while running_replicas(app_name, deployment) < count:
-        if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"{app_name}/{deployment}: fewer than {count} replicas after {timeout_s:.0f}s")
-        time.sleep(0.5)
-    return time.monotonic() - started
+    def all_running() -> bool:
+        app = serve.status().applications.get(app_name)
+        states = app.deployments[deployment].replica_states if app and deployment in app.deployments else {}
+        return states == {"RUNNING": count}
+
+    wait_for(lambda: killed not in replica_actor_names(app_name, deployment), f"replica {killed} still listed")
+    wait_for(all_running, f"not {count} running replicas")
+    # A handle call waits at Serve's router until a live replica takes it.
+    serve.get_deployment_handle(deployment, app_name=app_name).check_health.remote().result(
+        timeout_s=max(1.0, deadline - time.monotonic()))
 
 
 def engine_core_pids() -> set[int]:

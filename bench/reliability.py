@@ -238,17 +238,12 @@ def fault_runs(url: str, port: int) -> list[dict[str, Any]]:
             results.append({"fault": name, **_counts(window), "recover_s": round(recover_s, 1), "note": note})
             print(f"{name}: {results[-1]}", flush=True)
 
-        from ray import serve
-
         for name, deployment in (("decode replica killed", "DecodeWorker"), ("prefill replica killed", "PrefillWorker")):
             time.sleep(2)  # streams are in flight (the load never pauses)
             injected = time.monotonic()
             killed = faults.kill_replica(APP, deployment)
             recover_s = load.first_success_after(injected)
-            while killed in faults.replica_actor_names(APP, deployment):
-                time.sleep(0.5)
-            # A handle call waits at Serve's router until a live replica takes it.
-            serve.get_deployment_handle(deployment, app_name=APP).check_health.remote().result(timeout_s=600)
+            faults.wait_replaced(APP, deployment, killed, timeout_s=600)
             replaced_s = time.monotonic() - injected
             time.sleep(10)
             record(name, injected, recover_s, f"replacement replica serving after {replaced_s:.0f}s")

@@ -50,7 +50,7 @@ def test_decode_killed_mid_stream_ends_the_stream_cleanly(cluster):
                     continue
                 events.append(line)
                 if len(events) == 5:
-                    faults.kill_replica(APP, "DecodeWorker")
+                    killed = faults.kill_replica(APP, "DecodeWorker")
                     killed_at = time.monotonic()
     assert killed_at is not None
     ended_after = time.monotonic() - killed_at
@@ -62,7 +62,7 @@ def test_decode_killed_mid_stream_ends_the_stream_cleanly(cluster):
     assert len(events) < 600  # it really was cut mid-answer
 
     recovered = _wait_until_answered(cluster.url, _chat("Say hello."))
-    faults.wait_replicas_running(APP, "DecodeWorker", 1)
+    faults.wait_replaced(APP, "DecodeWorker", killed, timeout_s=RECOVERY_TIMEOUT_S)
     # The dead replica's engine-core process went with it; its replacement brought one.
     assert len(faults.engine_core_pids()) == len(engines_before)
     assert faults.engine_core_pids() != engines_before
@@ -80,9 +80,10 @@ def test_prefill_killed_with_requests_in_flight_loses_none(cluster):
     async def run() -> list[httpx.Response]:
         sent = asyncio.ensure_future(_concurrent_chats(cluster.nixl_url, bodies))
         await asyncio.sleep(0.5)  # the prompts are being prefilled on both replicas now
-        await asyncio.to_thread(faults.kill_replica, NIXL_APP, "PrefillWorker", 0)
+        killed.append(await asyncio.to_thread(faults.kill_replica, NIXL_APP, "PrefillWorker", 0))
         return await sent
 
+    killed: list[str] = []
     responses = asyncio.run(run())
     # Every accepted request is answered: retried on the other prefill replica, or
     # recomputed by decode when its prefill or KV source died.
@@ -93,23 +94,14 @@ def test_prefill_killed_with_requests_in_flight_loses_none(cluster):
     # New requests go on while the replacement starts.
     after = asyncio.run(_concurrent_chats(cluster.nixl_url, bodies[:3]))
     assert [r.status_code for r in after] == [200] * 3
-    faults.wait_replicas_running(NIXL_APP, "PrefillWorker", NIXL_PREFILL_REPLICAS)
+    faults.wait_replaced(NIXL_APP, "PrefillWorker", killed[0], count=NIXL_PREFILL_REPLICAS,
+                         timeout_s=RECOVERY_TIMEOUT_S)
 
 
 def _recomputes(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("tandem:prefill_recomputes_total{"))
-
-
-def _wait_serving(cluster, deployment: str, killed: str) -> None:
-    """Until a replacement of the killed replica answers calls (the handle's call waits at
-    Serve's router while no live replica exists)."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while killed in faults.replica_actor_names(APP, deployment):
-        assert time.monotonic() < deadline, f"{deployment} replica {killed} is still listed"
-        time.sleep(0.5)
-    cluster.handle(deployment).check_health.remote().result(timeout_s=RECOVERY_TIMEOUT_S)
 
 
 def test_lost_prefill_pool_is_served_by_decode_before_the_replacement_starts(cluster):
@@ -121,7 +113,7 @@ def test_lost_prefill_pool_is_served_by_decode_before_the_replacement_starts(clu
             response = client.post("/v1/chat/completions", json=_chat(f"Question {i}: what is a prism?"))
             assert response.status_code == 200, response.text
     answered_after = time.monotonic() - killed_at
-    _wait_serving(cluster, "PrefillWorker", killed)
+    faults.wait_replaced(APP, "PrefillWorker", killed, timeout_s=RECOVERY_TIMEOUT_S)
     replaced_after = time.monotonic() - killed_at
     # Decode recomputed the prompts instead of waiting for a new prefill engine to start.
     assert answered_after < replaced_after, (answered_after, replaced_after)
