@@ -1,0 +1,122 @@
+"""8-bit KV compression keeps greedy output identical, measured where greedy output is
+well defined: float32 engines.
+
+In bf16 the 135M model's logits are rounded to bf16 (steps of 0.125 at their magnitude),
+so several calibration prompts have exact ties on their greedy path, and which token wins
+is decided by rounding: flipping the last bit of 1% of the bf16 KV values changes 8 of the
+10 answers, more than any 8-bit profile does (docs/compression.md). With float32 engines
+the same 8-bit profile reproduces every calibration prompt's 32 greedy tokens, which is
+what this test holds it to.
+
+A P/D app of its own (float32 prefill and decode, tcp, a static 8-bit profile) lives only
+for this module. Each prompt is answered twice on it: with the app's 8-bit profile and with
+the identity profile pinned (uncompressed KV through the same connector). The decode
+worker's prefix cache is emptied before each answer, so neither reuses the other's blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODEL, NIXL_PROFILE, TEST_PORT, TTL_S
+
+FP32_APP = "fp32"
+# 128 MiB of KV holds a whole 2,048-token context in float32; the suite's peak memory is
+# while these two engines run next to the other six.
+FLOAT32_WORKER = {"replicas": 1, "cpu_threads": 1, "engine_args": {"dtype": "float32"},
+                  "kv_cache_memory_bytes": 128 * 1024 * 1024}
+GENERATED_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def fp32_url(cluster):
+    from ray import serve
+
+    from control_plane.app import build_app_from_settings
+    from control_plane.redis_server import embedded_url
+    from control_plane.settings import load_settings
+
+    settings = load_settings(
+        None,
+        app_name=FP32_APP,
+        route_prefix=f"/{FP32_APP}",
+        port=TEST_PORT,
+        redis_url=embedded_url(),
+        prefill=FLOAT32_WORKER,
+        decode=FLOAT32_WORKER,
+        kv_connector={"ttl_s": TTL_S, "compression": {"mode": "static", "profile": NIXL_PROFILE}},
+    )
+    serve.run(build_app_from_settings(settings), name=FP32_APP, route_prefix=settings.route_prefix,
+              blocking=False)
+    url = f"{cluster.url}/{FP32_APP}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=30).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the float32 app did not become healthy"
+        time.sleep(2)
+    try:
+        yield url
+    finally:
+        # Its two engines are not needed by the rest of the suite.
+        serve.delete(FP32_APP)
+
+
+def _empty_decode_prefix_cache(cluster) -> None:
+    handle = cluster.handle("DecodeWorker", FP32_APP)
+    deadline = time.monotonic() + 60
+    while not handle.reset_prefix_cache.remote().result():
+        assert time.monotonic() < deadline, "the decode worker kept blocks in use"
+        time.sleep(0.5)
+
+
+def _transfers_by_codec(url: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "tandem:kv_transfers_total" and sample.labels.get("outcome", "ok") == "ok":
+                codec = sample.labels.get("codec", "")
+                counts[codec] = counts.get(codec, 0.0) + sample.value
+    return counts
+
+
+def _calibration_messages() -> list[tuple[str, list[dict]]]:
+    from control_plane.profiler.calibration import load_prompts
+
+    return [(p.id, list(p.messages)) for p in load_prompts()]
+
+
+def test_8bit_kv_keeps_32_greedy_tokens_identical_on_every_calibration_prompt(cluster, fp32_url):
+    compressed_client = OpenAI(base_url=f"{fp32_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    uncompressed_client = OpenAI(base_url=f"{fp32_url}/v1", api_key="unused", max_retries=0, timeout=300,
+                                 default_headers={"x-tandem-kv-profile": "identity"})
+    prompts = _calibration_messages()
+    differing = []
+    for prompt_id, messages in prompts:
+        answers = []
+        for client in (compressed_client, uncompressed_client):
+            _empty_decode_prefix_cache(cluster)
+            reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                   max_tokens=GENERATED_TOKENS)
+            answers.append((reply.choices[0].message.content, reply.usage.completion_tokens))
+        if answers[0] != answers[1]:
+            differing.append((prompt_id, answers))
+    assert not differing, differing
+
+    # Both kinds of transfer really happened, one per prompt each (metrics come with the
+    # workers' 5 s heartbeat).
+    deadline = time.monotonic() + 30
+    while True:
+        counts = _transfers_by_codec(fp32_url)
+        if counts.get(NIXL_PROFILE, 0) >= len(prompts) and counts.get("identity", 0) >= len(prompts):
+            break
+        assert time.monotonic() < deadline, counts
+        time.sleep(1)
