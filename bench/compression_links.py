@@ -7,7 +7,10 @@ request then either pins a profile (`x-tandem-kv-profile`: identity for "no comp
 or one of the static profiles) or leaves the choice to the controller. Prompts of 512–2,000
 distinct random tokens (no prefix-cache hits), streamed completions, greedy. Reported: TTFT
 and end-to-end latency medians per (bandwidth, configuration), and each configuration's
-TTFT relative to no compression and to the best static profile.
+TTFT relative to no compression and to the best static profile; and the KV handoff alone
+(the pull, with the publisher's on-demand encode inside it, then verify, decode and write
+on the decode side, from the transfer telemetry),
+the part of TTFT compression can shorten, with the codec each configuration really used.
 
 Needs the profile library (`tandem profile`) for the adaptive controller; without one it can
 only choose identity.
@@ -68,7 +71,15 @@ def _headers(config: str) -> dict[str, str]:
     return {"x-tandem-kv-profile": profile, "x-tandem-slo-class": ADAPTIVE_CLASS}
 
 
-async def _measure(url: str, configs: list[str], repeats: int, seed: int) -> list[dict[str, Any]]:
+def _last_transfer(redis_url: str) -> dict[str, Any]:
+    """The newest transfer record: requests go one at a time, so it is the last request's."""
+    from kv_transport.telemetry import read_stream
+
+    records = read_stream(redis_url, count=1)
+    return records[-1] if records else {}
+
+
+async def _measure(url: str, redis_url: str, configs: list[str], repeats: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
@@ -76,17 +87,28 @@ async def _measure(url: str, configs: list[str], repeats: int, seed: int) -> lis
         for config in configs:
             await _stream(client, _prompt(rng, 256), _headers(config))
         for length in LENGTHS:
-            samples: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
+            samples: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
             for _ in range(repeats):
                 # Interleaved, so drift on the shared machine hits every configuration alike.
                 for config in configs:
-                    samples[config].append(await _stream(client, _prompt(rng, length), _headers(config)))
+                    sample: dict[str, Any] = await _stream(client, _prompt(rng, length), _headers(config))
+                    transfer = await asyncio.to_thread(_last_transfer, redis_url)
+                    # The KV handoff alone: the pull (the publisher encodes inside it), verify,
+                    # decode and write into the decode worker's cache: what compression can
+                    # shorten.
+                    sample["kv_s"] = transfer.get("total_s", 0.0)
+                    sample["codec"] = transfer.get("codec", "")
+                    samples[config].append(sample)
             for config in configs:
+                codecs = [s["codec"] for s in samples[config]]
                 rows.append({
                     "prompt_tokens": length,
                     "config": config,
                     "ttft_s": median([s["ttft_s"] for s in samples[config]]),
                     "e2e_s": median([s["e2e_s"] for s in samples[config]]),
+                    "kv_handoff_s": median([s["kv_s"] for s in samples[config]]),
+                    # What the transfers used (for adaptive: the controller's most frequent pick).
+                    "codec": max(set(codecs), key=codecs.count),
                 })
     return rows
 
@@ -121,7 +143,7 @@ def main(
             console.print(f"[bold]{speed or 'unlimited'} Gbps[/]: deploying")
             serve.run(build_app_from_settings(settings), name=name, route_prefix="/", blocking=False)
             started = time.perf_counter()
-            for row in asyncio.run(_measure(f"http://127.0.0.1:{PORT}", configs, repeats, seed=11)):
+            for row in asyncio.run(_measure(f"http://127.0.0.1:{PORT}", redis_url, configs, repeats, seed=11)):
                 rows.append({"gbps": speed if speed > 0 else math.inf, **row})
             console.print(f"  measured in {time.perf_counter() - started:.0f}s")
             serve.delete(name)
@@ -143,10 +165,12 @@ def _relative(rows: list[dict[str, Any]], profiles: list[str]) -> None:
         groups.setdefault((row["gbps"], row["prompt_tokens"]), {})[row["config"]] = row
     for group in groups.values():
         none = group["none"]["ttft_s"]
+        none_kv = group["none"]["kv_handoff_s"]
         best_static = min(group[p]["ttft_s"] for p in profiles if p in group)
         for row in group.values():
             row["ttft_vs_none"] = row["ttft_s"] / none
             row["ttft_vs_best_static"] = row["ttft_s"] / best_static
+            row["kv_handoff_speedup_vs_none"] = none_kv / row["kv_handoff_s"] if row["kv_handoff_s"] else math.nan
 
 
 def _plot(rows: list[dict[str, Any]], configs: list[str]) -> None:

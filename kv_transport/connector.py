@@ -504,12 +504,16 @@ class _WorkerSide:
             limiter=self._limiter(record.link), into=straight_into_blocks, skip_blocks=recv.first_block,
             puller=self.local_address,
         )
-        record.wire_s = time.perf_counter() - fetch_started
+        fetch_s = time.perf_counter() - fetch_started
         record.wire_bytes = header.payload_nbytes
         record.raw_bytes = header.raw_nbytes
         record.codec = header.codec.id
         encode_s = header.codec.params.get("encode_s", 0.0)
-        record.encode_s = float(encode_s) if isinstance(encode_s, (int, float)) else 0.0
+        record.encode_s = min(max(float(encode_s), 0.0), fetch_s) if isinstance(encode_s, (int, float)) else 0.0
+        # The publisher encodes when the pull arrives, inside this fetch: without its encode
+        # time, the controller would read a compressed transfer's link as slower than it is
+        # and favour compression more the more it compresses.
+        record.wire_s = fetch_s - record.encode_s
         verify(header, received)
         if header.fingerprint != layout.fingerprint:
             raise WireFormatError(f"KV layout fingerprint {header.fingerprint} != local {layout.fingerprint}")

@@ -33,7 +33,9 @@ class TransferRecord:
     saved_bytes: int = 0
     encode_s: float = 0.0
     decode_s: float = 0.0
-    wire_s: float = 0.0  # fetch time: request to last payload byte
+    # Fetch time (request to last payload byte) less encode_s: the publisher encodes on
+    # demand, inside the fetch.
+    wire_s: float = 0.0
     total_s: float = 0.0  # fetch + verify + decode + write into the paged cache
     error: str = ""
     at: float = field(default_factory=time.time)
