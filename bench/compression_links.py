@@ -174,26 +174,29 @@ def _relative(rows: list[dict[str, Any]], profiles: list[str]) -> None:
 
 
 def _plot(rows: list[dict[str, Any]], configs: list[str]) -> None:
+    """TTFT (top) and the KV handoff alone (bottom) per prompt length, against the link."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["prompt_tokens"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    metrics = [("ttft_s", "TTFT"), ("kv_handoff_s", "KV handoff")]
+    fig, axes = plt.subplots(len(metrics), len(lengths), figsize=(5 * len(lengths), 8), squeeze=False)
     speeds = sorted({r["gbps"] for r in rows})
     labels = ["∞" if math.isinf(s) else f"{s:g}" for s in speeds]
-    for ax, length in zip(axes[0], lengths, strict=True):
-        for config in configs:
-            points = {r["gbps"]: r["ttft_s"] for r in rows if r["prompt_tokens"] == length and r["config"] == config}
-            ax.plot(range(len(speeds)), [points.get(s, math.nan) * 1000 for s in speeds], marker="o",
-                    label=config, linewidth=2.5 if config == "adaptive" else 1.2)
-        ax.set_xticks(range(len(speeds)), labels)
-        ax.set_xlabel("link (Gbps)")
-        ax.set_ylabel("TTFT (ms, median)")
-        ax.set_yscale("log")
-        ax.set_title(f"{length}-token prompts")
-        ax.grid(True, alpha=0.3)
+    for row_axes, (metric, title) in zip(axes, metrics, strict=True):
+        for ax, length in zip(row_axes, lengths, strict=True):
+            for config in configs:
+                points = {r["gbps"]: r[metric] for r in rows if r["prompt_tokens"] == length and r["config"] == config}
+                ax.plot(range(len(speeds)), [points.get(s, math.nan) * 1000 for s in speeds], marker="o",
+                        label=config, linewidth=2.5 if config == "adaptive" else 1.2)
+            ax.set_xticks(range(len(speeds)), labels)
+            ax.set_xlabel("link (Gbps)")
+            ax.set_ylabel(f"{title} (ms, median)")
+            ax.set_yscale("log")
+            ax.set_title(f"{title}, {length}-token prompts")
+            ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "compression_links.png", dpi=120)
