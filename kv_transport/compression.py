@@ -144,23 +144,34 @@ def decode_into_blocks(
 ) -> float:
     """Decode the per-layer blobs and write blocks [start, start + len(block_ids)) of them
     into the cache at ``block_ids``. Returns the decode time."""
+    if len(blobs) != len(layout.layers):
+        raise codecs.CodecError(f"{len(blobs)} blobs for {len(layout.layers)} layers")
+    return sum(
+        decode_layer_into_blocks(layout, codec, position, blob, block_ids, start)
+        for position, blob in enumerate(blobs)
+    )
+
+
+def decode_layer_into_blocks(
+    layout: KVLayout, codec: CodecSpec, position: int, blob: memoryview, block_ids: list[int], start: int
+) -> float:
+    """One layer's blob (the layout's `position`-th layer) into its blocks at ``block_ids``:
+    decoded blocks [start, start + len(block_ids)). Returns the decode time."""
     kind = codec_layout(layout)
     if kind is None or codec.params.get("layout") != kind:
         raise codecs.CodecError(f"cannot decode {codec.params.get('layout')!r} KV into this cache")
     started = time.perf_counter()
-    dtype = layout.layers[0].parts[0].dtype
-    decoded = codecs.decode_request(
-        blobs, kind, layout.block_size, dtype, layout.device, layer_indices(layout)
+    layer = layout.layers[position]
+    [blocks] = codecs.decode_request(
+        [blob], kind, layout.block_size, layer.parts[0].dtype, layout.device, [layer_indices(layout)[position]]
     )
     stop = start + len(block_ids)
+    if (blocks.shape[0] if kind == codecs.LayoutKind.CPU.value else blocks.shape[1]) < stop:
+        raise codecs.CodecError("decoded fewer blocks than the transfer announced")
     index = torch.tensor(block_ids, dtype=torch.long, device=layout.device)
-    cpu = kind == codecs.LayoutKind.CPU.value
-    for layer, blocks in zip(layout.layers, decoded, strict=True):
-        if (blocks.shape[0] if cpu else blocks.shape[1]) < stop:
-            raise codecs.CodecError("decoded fewer blocks than the transfer announced")
-        if cpu:
-            layer.parts[0].index_copy_(0, index, blocks[start:stop].to(layer.parts[0].dtype))
-        else:
-            for part, half in zip(layer.parts, blocks, strict=True):
-                part.index_copy_(0, index, half[start:stop].to(part.dtype))
+    if kind == codecs.LayoutKind.CPU.value:
+        layer.parts[0].index_copy_(0, index, blocks[start:stop].to(layer.parts[0].dtype))
+    else:
+        for part, half in zip(layer.parts, blocks, strict=True):
+            part.index_copy_(0, index, half[start:stop].to(part.dtype))
     return time.perf_counter() - started

@@ -24,7 +24,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.logger import init_logger
 
 from kv_transport.codecs import CodecError
-from kv_transport.compression import IDENTITY, CodecChooser, decode_into_blocks, encode_blocks
+from kv_transport.compression import IDENTITY, CodecChooser, decode_layer_into_blocks, encode_blocks
 from kv_transport.layout import KVLayout, bytes_view
 from kv_transport.telemetry import TransferRecord, make_sinks
 from kv_transport.transport.base import (
@@ -336,6 +336,8 @@ class _WorkerSide:
         # One token bucket per link (source worker), as a real network path would have.
         self._limiters: dict[str, RateLimiter] = {}
         self._pool = ThreadPoolExecutor(self.cfg.pull_threads, thread_name_prefix="tandem-kv-pull")
+        # Decodes compressed layers while the pulls receive the next ones.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-decode")
         self._lock = threading.Lock()
         self._finished_sending: set[str] = set()
         self._finished_recving: set[str] = set()
@@ -497,48 +499,80 @@ class _WorkerSide:
                 return [v for views in layout.block_views(recv.block_ids) for v in views]
             return None
 
-        fetch_started = time.perf_counter()
-        header, received = self.transport.fetch(
-            transfer["address"], transfer["transfer_id"],
-            timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
-            limiter=self._limiter(record.link), into=straight_into_blocks, skip_blocks=recv.first_block,
-            puller=self.local_address,
-        )
-        fetch_s = time.perf_counter() - fetch_started
-        record.wire_bytes = header.payload_nbytes
-        record.raw_bytes = header.raw_nbytes
-        record.codec = header.codec.id
-        encode_s = header.codec.params.get("encode_s", 0.0)
-        record.encode_s = min(max(float(encode_s), 0.0), fetch_s) if isinstance(encode_s, (int, float)) else 0.0
-        # The publisher encodes when the pull arrives, inside this fetch: without its encode
-        # time, the controller would read a compressed transfer's link as slower than it is
-        # and favour compression more the more it compresses.
-        record.wire_s = fetch_s - record.encode_s
-        verify(header, received)
-        if header.fingerprint != layout.fingerprint:
-            raise WireFormatError(f"KV layout fingerprint {header.fingerprint} != local {layout.fingerprint}")
-        if header.block_size != layout.block_size or header.dtype != layout.dtype:
-            raise WireFormatError("block size or dtype differs from the local cache")
-        # Blocks carried: [header.first_block, header.first_block + num_blocks); wanted: ours.
-        start = recv.first_block - header.first_block
-        stop = start + len(recv.block_ids)
-        if start < 0 or stop > header.num_blocks or header.num_blocks == 0:
-            raise WireFormatError(
-                f"needs blocks {recv.first_block}..{recv.first_block + len(recv.block_ids)}, transfer carries "
-                f"{header.first_block}..{header.first_block + header.num_blocks}"
+        def wanted_start(header: TransferHeader) -> int:
+            """The first carried block this pull wants; raises if the transfer cannot fill
+            this cache's blocks."""
+            if header.fingerprint != layout.fingerprint:
+                raise WireFormatError(f"KV layout fingerprint {header.fingerprint} != local {layout.fingerprint}")
+            if header.block_size != layout.block_size or header.dtype != layout.dtype:
+                raise WireFormatError("block size or dtype differs from the local cache")
+            if header.codec.id != IDENTITY and len(header.buffers) != len(layout.layers):
+                raise WireFormatError(f"{len(header.buffers)} layer buffers for {len(layout.layers)} layers")
+            # Blocks carried: [header.first_block, header.first_block + num_blocks); wanted: ours.
+            start = recv.first_block - header.first_block
+            if start < 0 or start + len(recv.block_ids) > header.num_blocks or header.num_blocks == 0:
+                raise WireFormatError(
+                    f"needs blocks {recv.first_block}..{recv.first_block + len(recv.block_ids)}, transfer carries "
+                    f"{header.first_block}..{header.first_block + header.num_blocks}"
+                )
+            return start
+
+        # Compressed layers are decoded as they land, on the decode thread, while the rest of
+        # the payload is still on the wire. Like a straight receive, they write blocks the
+        # engine cannot see until this pull reports success.
+        decodes: dict[int, Future[float]] = {}
+
+        def decode_as_it_lands(header: TransferHeader, position: int, blob: memoryview) -> None:
+            if header.codec.id != IDENTITY:
+                decodes[position] = self._decoder.submit(
+                    decode_layer_into_blocks, layout, header.codec, position, blob, recv.block_ids,
+                    wanted_start(header),
+                )
+
+        try:
+            fetch_started = time.perf_counter()
+            header, received = self.transport.fetch(
+                transfer["address"], transfer["transfer_id"],
+                timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
+                limiter=self._limiter(record.link), into=straight_into_blocks, skip_blocks=recv.first_block,
+                puller=self.local_address, landed=decode_as_it_lands,
             )
-        # Bytes the local prefix hit kept off the link.
-        record.saved_bytes = header.first_block * (header.raw_nbytes // header.num_blocks)
-        if header.codec.id != IDENTITY:
-            blobs = split_payload(header, received[0]) if len(received) == 1 else list(received)
-            record.decode_s = decode_into_blocks(layout, header.codec, blobs, recv.block_ids, start)
-        elif not landed_in_blocks:
-            # Landed in one staging buffer: copy the wanted blocks of each layer over.
-            wanted = []
-            for view in split_payload(header, received[0]):
-                per_block = len(view) // header.num_blocks
-                wanted.append(view[start * per_block : stop * per_block])
-            layout.scatter_blocks(recv.block_ids, wanted)
+            fetch_s = time.perf_counter() - fetch_started
+            record.wire_bytes = header.payload_nbytes
+            record.raw_bytes = header.raw_nbytes
+            record.codec = header.codec.id
+            encode_s = header.codec.params.get("encode_s", 0.0)
+            record.encode_s = min(max(float(encode_s), 0.0), fetch_s) if isinstance(encode_s, (int, float)) else 0.0
+            # The publisher encodes when the pull arrives, inside this fetch: without its
+            # encode time, the controller would read a compressed transfer's link as slower
+            # than it is and favour compression more the more it compresses.
+            record.wire_s = fetch_s - record.encode_s
+            verify(header, received)
+            start = wanted_start(header)
+            # Bytes the local prefix hit kept off the link.
+            record.saved_bytes = header.first_block * (header.raw_nbytes // header.num_blocks)
+            if header.codec.id != IDENTITY:
+                tail_started = time.perf_counter()
+                blobs = split_payload(header, received[0]) if len(received) == 1 else list(received)
+                for position, blob in enumerate(blobs):
+                    if position not in decodes:  # a transport that did not report it
+                        decode_layer_into_blocks(layout, header.codec, position, blob, recv.block_ids, start)
+                for decode in decodes.values():
+                    decode.result()
+                # What decoding added after the payload was in (the rest overlapped the wire).
+                record.decode_s = time.perf_counter() - tail_started
+            elif not landed_in_blocks:
+                # Landed in one staging buffer: copy the wanted blocks of each layer over.
+                stop = start + len(recv.block_ids)
+                wanted = []
+                for view in split_payload(header, received[0]):
+                    per_block = len(view) // header.num_blocks
+                    wanted.append(view[start * per_block : stop * per_block])
+                layout.scatter_blocks(recv.block_ids, wanted)
+        finally:
+            # Never report (and so hand the blocks back to the engine) while a decode may
+            # still write into them.
+            wait(decodes.values())
 
     def transfer_results(self) -> KVConnectorTransferResults:
         with self._lock:
@@ -559,6 +593,7 @@ class _WorkerSide:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         self.codecs.close()
         self.transport.close()
         for sink in self.sinks:

@@ -32,6 +32,8 @@ class TransferRecord:
     # earlier turns of a conversation that stays on one decode worker).
     saved_bytes: int = 0
     encode_s: float = 0.0
+    # Decoding left after the payload was in: layers are decoded as they land, so over tcp
+    # most of it overlaps the wire.
     decode_s: float = 0.0
     # Fetch time (request to last payload byte) less encode_s: the publisher encodes on
     # demand, inside the fetch.

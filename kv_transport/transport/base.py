@@ -37,6 +37,22 @@ Materialize = Callable[[PullContext], tuple[TransferHeader, Sequence[memoryview]
 Destination = Callable[[TransferHeader], Sequence[memoryview] | None]
 
 
+# Told each payload buffer (header.buffers[index]) as soon as all of its bytes are in, in
+# order, so the puller can start on it (decode a layer) while the rest is still arriving.
+# Only for payloads that land in the transport's own buffer (`into` returned None).
+Landed = Callable[[TransferHeader, int, memoryview], None]
+
+
+def report_landed(header: TransferHeader, views: Sequence[memoryview], landed: Landed | None) -> None:
+    """For transports that only learn the whole payload at once: every buffer, after it."""
+    if landed is None or len(views) != 1:
+        return
+    offset = 0
+    for index, info in enumerate(header.buffers):
+        landed(header, index, views[0][offset : offset + info.nbytes])
+        offset += info.nbytes
+
+
 def receive_buffers(header: TransferHeader, into: Destination | None) -> list[memoryview]:
     views = into(header) if into is not None else None
     if views is None:
@@ -200,10 +216,11 @@ class Transport(ABC):
         into: Destination | None = None,
         skip_blocks: int = 0,
         puller: str = "",
+        landed: Landed | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
         """Pull one transfer, without its first ``skip_blocks`` blocks (the puller holds
-        them); ``puller`` is this side's address. Returns the header and the views the
-        payload landed in."""
+        them); ``puller`` is this side's address; ``landed`` hears of each buffer as it is
+        complete. Returns the header and the views the payload landed in."""
 
     @abstractmethod
     def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:

@@ -28,11 +28,13 @@ from kv_transport.transport.base import (
     PULLED,
     SEND_FAILED,
     Destination,
+    Landed,
     Publication,
     RateLimiter,
     TransferError,
     pull_context,
     receive_buffers,
+    report_landed,
 )
 from kv_transport.transport.tcp import TcpTransport, ack_frame, read_small_frame, recv_bytes
 from kv_transport.wire import TransferHeader
@@ -147,6 +149,7 @@ class CollectiveTransport(TcpTransport):
         into: Destination | None = None,
         skip_blocks: int = 0,
         puller: str = "",
+        landed: Landed | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
         group_id, link_lock = self._link(address, timeout_s)
         group = self._groups[group_id]
@@ -164,6 +167,8 @@ class CollectiveTransport(TcpTransport):
                     offset += len(view)
             if limiter is not None:
                 limiter.consume(header.payload_nbytes)
+            # One recv brings the whole payload: every buffer lands at once.
+            report_landed(header, views, landed)
             return header, views
 
         request = {"op": "collective_pull", "transfer_id": transfer_id, "wait_s": wait_s, "group": group_id,

@@ -33,11 +33,13 @@ from kv_transport.transport.base import (
     PULLED,
     SEND_FAILED,
     Destination,
+    Landed,
     Publication,
     RateLimiter,
     TransferError,
     pull_context,
     receive_buffers,
+    report_landed,
 )
 from kv_transport.transport.tcp import TcpTransport, error_frame, recv_bytes
 from kv_transport.wire import TransferHeader
@@ -153,6 +155,7 @@ class NixlTransport(TcpTransport):
         into: Destination | None = None,
         skip_blocks: int = 0,
         puller: str = "",
+        landed: Landed | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> dict[str, Any]:
             magic, length = struct.unpack("<4sI", prefix)
@@ -173,6 +176,8 @@ class NixlTransport(TcpTransport):
             self._read(transfer_id, base64.b64decode(described["agent"]), regions, views, timeout_s)
         if limiter is not None:
             limiter.consume(header.payload_nbytes)
+        # One READ brings the whole payload: every buffer lands at once.
+        report_landed(header, views, landed)
         return header, views
 
     def _read(

@@ -27,6 +27,7 @@ from kv_transport.transport.base import (
     RELEASED,
     SEND_FAILED,
     Destination,
+    Landed,
     Publication,
     PublicationStore,
     PullContext,
@@ -252,12 +253,22 @@ class TcpTransport(Transport):
         into: Destination | None = None,
         skip_blocks: int = 0,
         puller: str = "",
+        landed: Landed | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
             header = TransferHeader.decode(recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
             views = receive_buffers(header, into)
-            for view in views:
-                _recv_exact(sock, view, limiter)
+            if landed is not None and len(views) == 1:
+                # Buffer by buffer, so each is handed on while the next is on the wire.
+                offset = 0
+                for index, info in enumerate(header.buffers):
+                    buffer = views[0][offset : offset + info.nbytes]
+                    _recv_exact(sock, buffer, limiter)
+                    landed(header, index, buffer)
+                    offset += info.nbytes
+            else:
+                for view in views:
+                    _recv_exact(sock, view, limiter)
             return header, views
 
         request = {"op": "pull", "transfer_id": transfer_id, "wait_s": wait_s,

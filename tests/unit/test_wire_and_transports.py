@@ -169,6 +169,40 @@ def test_round_trip_multi_buffer_payloads(transports, sizes):
     assert _eventually(lambda: done == [("big", "pulled")])
 
 
+def test_each_buffer_is_reported_as_it_lands(transports):
+    """`landed` hears of every buffer, in order, with its bytes; over tcp each one while
+    the next is still on the (here rate-limited) wire, elsewhere all after the payload."""
+    server, client = transports
+    buffers = [os.urandom(n) for n in (300_000, 5, 0, 200_000)]
+    _publish(server, "landing", buffers)
+    reports: list[tuple[int, bytes, float]] = []
+
+    def landed(header, index, view):
+        reports.append((index, bytes(view), time.monotonic()))
+
+    header, received = client.fetch(server.address, "landing", limiter=RateLimiter(2 << 20, 64 << 10),
+                                    landed=landed)
+    fetched_at = time.monotonic()
+    assert [(i, b) for i, b, _ in reports] == list(enumerate(buffers))
+    verify(header, split_payload(header, received[0]))
+    if isinstance(client, (NixlTransport, CollectiveTransport)):
+        return
+    # ~0.25 s at 2 MiB/s: the first buffer was reported well before the last byte arrived.
+    assert fetched_at - reports[0][2] > 0.05
+
+
+def test_a_landed_callback_that_refuses_ends_the_pull(transports):
+    server, client = transports
+    done = _publish(server, "refused", [os.urandom(1000), os.urandom(1000)])
+
+    def landed(header, index, view):
+        raise ValueError("not for this cache")
+
+    with pytest.raises(ValueError):
+        client.fetch(server.address, "refused", landed=landed)
+    assert _eventually(lambda: len(done) == 1)
+
+
 def test_transfers_are_single_use_and_unknown_ids_fail_cleanly(transports):
     server, client = transports
     _publish(server, "once", [b"kv"])
