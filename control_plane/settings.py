@@ -121,8 +121,8 @@ class CompressionSettings(_Strict):
     # Decisions expire from Redis after this; connectors re-read them this often.
     decision_ttl_s: float = Field(60.0, gt=0)
     decision_cache_s: float = Field(2.0, gt=0)
-    # Latency model: stages in sequence (False: what the connector does today, encoding,
-    # sending and decoding whole transfers) or streamed per layer (True, max form).
+    # Latency model: stages in sequence (False: the connector encodes a whole transfer
+    # before sending it; decoding overlaps the wire) or streamed per layer (True, max form).
     pipelined: bool = False
 
     @model_validator(mode="after")
