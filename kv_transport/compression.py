@@ -27,11 +27,13 @@ _LAYER_NUMBER = re.compile(r"layers?\.(\d+)(?:\.|$)")
 def layer_indices(layout: KVLayout) -> list[int]:
     """The model's layer number of each of the layout's layers (sorted by name, so
     `layers.10` comes before `layers.2`); they seed rotations and per-layer overrides."""
-    numbers = []
-    for position, layer in enumerate(layout.layers):
-        match = _LAYER_NUMBER.search(layer.name)
-        numbers.append(int(match.group(1)) if match else position)
-    return numbers
+    return [layer_number(layout, position) for position in range(len(layout.layers))]
+
+
+def layer_number(layout: KVLayout, position: int) -> int:
+    """The model's layer number of the layout's `position`-th layer."""
+    match = _LAYER_NUMBER.search(layout.layers[position].name)
+    return int(match.group(1)) if match else position
 
 
 def codec_layout(layout: KVLayout) -> str | None:
@@ -139,19 +141,6 @@ def encode_blocks(
     return [memoryview(blob) for blob in blobs], infos, spec
 
 
-def decode_into_blocks(
-    layout: KVLayout, codec: CodecSpec, blobs: list[memoryview], block_ids: list[int], start: int
-) -> float:
-    """Decode the per-layer blobs and write blocks [start, start + len(block_ids)) of them
-    into the cache at ``block_ids``. Returns the decode time."""
-    if len(blobs) != len(layout.layers):
-        raise codecs.CodecError(f"{len(blobs)} blobs for {len(layout.layers)} layers")
-    return sum(
-        decode_layer_into_blocks(layout, codec, position, blob, block_ids, start)
-        for position, blob in enumerate(blobs)
-    )
-
-
 def decode_layer_into_blocks(
     layout: KVLayout, codec: CodecSpec, position: int, blob: memoryview, block_ids: list[int], start: int
 ) -> float:
@@ -163,7 +152,7 @@ def decode_layer_into_blocks(
     started = time.perf_counter()
     layer = layout.layers[position]
     [blocks] = codecs.decode_request(
-        [blob], kind, layout.block_size, layer.parts[0].dtype, layout.device, [layer_indices(layout)[position]]
+        [blob], kind, layout.block_size, layer.parts[0].dtype, layout.device, [layer_number(layout, position)]
     )
     stop = start + len(block_ids)
     if (blocks.shape[0] if kind == codecs.LayoutKind.CPU.value else blocks.shape[1]) < stop:

@@ -552,11 +552,9 @@ class _WorkerSide:
             # Bytes the local prefix hit kept off the link.
             record.saved_bytes = header.first_block * (header.raw_nbytes // header.num_blocks)
             if header.codec.id != IDENTITY:
+                if len(decodes) != len(header.buffers):  # every transport reports each buffer
+                    raise WireFormatError(f"{len(decodes)} of {len(header.buffers)} layers reported landed")
                 tail_started = time.perf_counter()
-                blobs = split_payload(header, received[0]) if len(received) == 1 else list(received)
-                for position, blob in enumerate(blobs):
-                    if position not in decodes:  # a transport that did not report it
-                        decode_layer_into_blocks(layout, header.codec, position, blob, recv.block_ids, start)
                 for decode in decodes.values():
                     decode.result()
                 # What decoding added after the payload was in (the rest overlapped the wire).

@@ -13,7 +13,7 @@ from kv_transport import codecs
 from kv_transport.compression import (
     CodecChooser,
     codec_layout,
-    decode_into_blocks,
+    decode_layer_into_blocks,
     encode_blocks,
     layer_indices,
 )
@@ -47,7 +47,8 @@ def _round_trip(profile_name: str, skip: int) -> tuple[KVLayout, KVLayout, list[
     payload = b"".join(bytes(b) for b in blobs)
     verify(received, [payload])
     recv_ids = [0, 5, 11, 2][skip:]
-    decode_into_blocks(target, received.codec, split_payload(received, payload), recv_ids, 0)
+    for position, blob in enumerate(split_payload(received, payload)):
+        decode_layer_into_blocks(target, received.codec, position, blob, recv_ids, 0)
     return source, target, carried, recv_ids, num_tokens
 
 
@@ -83,7 +84,7 @@ def test_a_corrupt_blob_raises_a_codec_error():
     broken = bytearray(blobs[0])
     broken[5] ^= 0xFF
     with pytest.raises(codecs.CodecError):
-        decode_into_blocks(target, codec, [memoryview(broken), *blobs[1:]], [0, 1], 0)
+        decode_layer_into_blocks(target, codec, 0, memoryview(broken), [0, 1], 0)
 
 
 def test_profile_choice_per_mode(tmp_path, monkeypatch):
