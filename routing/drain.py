@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -35,16 +36,24 @@ def in_flight_key(app_name: str) -> str:
 
 
 class DrainWatcher:
-    """Inside an ingress replica: notices a drain request and reports the in-flight count."""
+    """Inside an ingress replica: notices a drain request and reports the in-flight count.
+
+    A drain already set when the replica first reads Redis is ignored: it was meant for the
+    replicas before this one (a previous cluster or deploy sharing Redis and the app name,
+    within the key's TTL), and honouring it would refuse all traffic on a fresh replica."""
 
     def __init__(self, redis_url: str | None, app_name: str, replica_id: str, in_flight: Any):
         self._client = aioredis.Redis.from_url(redis_url, socket_timeout=1.0) if redis_url else None
         self._app = app_name
         self._replica = replica_id
         self._in_flight = in_flight  # () -> int
+        self._seen_redis = False
+        self._stale_drain: str | None = None
+        self._drain_id: str | None = None
         self.draining = False
-        # Wall-clock time the drain's grace ends (from the drain key): streams still running
-        # then are ended with an error event rather than cut by the app's deletion.
+        # Monotonic time this replica's grace ends (from when it saw the drain): streams
+        # still running then are ended with an error event rather than cut by the app's
+        # deletion. Local, so no clock has to agree with the caller's.
         self.deadline: float | None = None
         self._task: asyncio.Task | None = None
 
@@ -62,33 +71,44 @@ class DrainWatcher:
 
     async def poll(self) -> None:
         assert self._client is not None
-        requested = await self._client.get(drain_key(self._app))
-        if requested and not self.draining:
+        drain_id, grace_s = _parse(await self._client.get(drain_key(self._app)))
+        if not self._seen_redis:
+            self._seen_redis = True
+            self._stale_drain = drain_id
+            if drain_id is not None:
+                log.warning("ignoring a drain requested before this replica started (%s)", drain_id)
+        if drain_id is None or drain_id == self._stale_drain:
+            self.draining, self.deadline, self._drain_id = False, None, None
+            return
+        if drain_id != self._drain_id:
             log.info("drain requested: refusing new requests, finishing %d in flight", self._in_flight())
-        self.draining = bool(requested)
-        self.deadline = _deadline(requested) if requested else None
-        if self.draining:
-            key = in_flight_key(self._app)
-            await self._client.hset(key, self._replica, self._in_flight())
-            await self._client.expire(key, 600)
-
+            self._drain_id = drain_id
+            self.deadline = time.monotonic() + grace_s
+        self.draining = True
+        key = in_flight_key(self._app)
+        async with self._client.pipeline(transaction=False) as pipe:
+            await pipe.hset(key, self._replica, self._in_flight()).expire(key, 600).execute()
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.time() >= self.deadline
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
-def _deadline(raw: bytes) -> float | None:
+def _parse(raw: bytes | None) -> tuple[str | None, float]:
+    """(drain id, grace seconds) of a drain key's value, (None, 0) if there is none."""
+    if not raw:
+        return None, 0.0
+    drain_id, _, grace = raw.decode(errors="replace").partition(" ")
     try:
-        return float(raw)
+        return drain_id, max(0.0, float(grace))
     except ValueError:
-        return None
+        return drain_id, 0.0
 
 
 def request_drain(redis_url: str, app_name: str, grace_s: float, ttl_s: float) -> None:
     """Ask the app's ingress replicas to drain, finishing their streams within ``grace_s``."""
     client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
     client.delete(in_flight_key(app_name))
-    client.set(drain_key(app_name), str(time.time() + grace_s), ex=max(1, int(ttl_s)))
+    client.set(drain_key(app_name), f"{uuid.uuid4().hex} {grace_s}", ex=max(1, int(ttl_s)))
 
 
 def cancel_drain(redis_url: str, app_name: str) -> None:

@@ -44,6 +44,7 @@ async def test_replicas_drain_and_report_until_nothing_is_in_flight(redis_url):
 
 async def test_streams_are_ended_once_the_grace_is_over(redis_url):
     watcher = drain.DrainWatcher(redis_url, "app", "a", lambda: 1)
+    await watcher.poll()
     drain.request_drain(redis_url, "app", grace_s=0, ttl_s=60)
     await watcher.poll()
     assert watcher.draining and watcher.expired()
@@ -53,3 +54,16 @@ def test_waiting_counts_replicas_that_have_not_reported(redis_url):
     drain.request_drain(redis_url, "app", grace_s=30, ttl_s=60)
     # No replica has seen the request yet: not drained, however long the (short) wait.
     assert drain.wait_drained(redis_url, "app", replicas=1, grace_s=0.3) == {}
+
+
+async def test_a_drain_left_from_before_the_replica_started_is_ignored(redis_url):
+    """A key left by an earlier cluster or deploy (within its TTL) must not make a fresh
+    replica refuse everything; a drain asked for after it started still counts."""
+    drain.request_drain(redis_url, "app", grace_s=30, ttl_s=60)
+    fresh = drain.DrainWatcher(redis_url, "app", "new", lambda: 0)
+    await fresh.poll()
+    await fresh.poll()
+    assert not fresh.draining
+    drain.request_drain(redis_url, "app", grace_s=30, ttl_s=60)
+    await fresh.poll()
+    assert fresh.draining and not fresh.expired()
