@@ -48,7 +48,8 @@ if "cpu" in extras or "gpu" in extras:
 if "nixl" in extras:
     mods += ["nixl"]
 if "dev" in extras:
-    mods += ["pytest", "openai", "schemathesis", "helm"]
+    # helm-python-sdk's module is helm_python (`helm` would find this repo's chart folder).
+    mods += ["pytest", "openai", "schemathesis", "helm_python"]
     # Locust monkey-patches the standard library on import: it only ever runs in its own
     # process (`tandem loadtest`), so here it only has to be there.
     if importlib.util.find_spec("locust") is None:
