@@ -69,6 +69,24 @@ def tandem(*args: str, timeout: float = 300, env: dict | None = None) -> subproc
     )
 
 
+def extra_app_settings(name: str, **overrides):
+    """Settings of an app deployed next to the default one in the test cluster, under /name."""
+    from control_plane.redis_server import embedded_url
+    from control_plane.settings import load_settings
+
+    return load_settings(None, app_name=name, route_prefix=f"/{name}", port=TEST_PORT,
+                         redis_url=embedded_url(), **overrides)
+
+
+def deploy_extra_app(settings) -> None:
+    from ray import serve
+
+    from control_plane.app import build_app_from_settings
+
+    serve.run(build_app_from_settings(settings), name=settings.app_name, route_prefix=settings.route_prefix,
+              blocking=False)
+
+
 @pytest.fixture(scope="session")
 def cluster_env() -> dict:
     # The default app's KV requests are HMAC-authenticated, as a real cluster's should be.
@@ -93,26 +111,10 @@ def cluster(cluster_env: dict):
     import ray
     from ray import serve
 
-    from control_plane.app import build_app_from_settings
-    from control_plane.redis_server import embedded_url
-    from control_plane.settings import load_settings
-
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    reference = load_settings(
-        None,
-        mode="colocated",
-        app_name=REFERENCE_APP,
-        route_prefix=f"/{REFERENCE_APP}",
-        port=TEST_PORT,
-        redis_url=embedded_url(),
-        colocated={"replicas": 1, "cpu_threads": 1},
-    )
-    nixl = load_settings(
-        None,
-        app_name=NIXL_APP,
-        route_prefix=f"/{NIXL_APP}",
-        port=TEST_PORT,
-        redis_url=embedded_url(),
+    reference = extra_app_settings(REFERENCE_APP, mode="colocated", colocated={"replicas": 1, "cpu_threads": 1})
+    nixl = extra_app_settings(
+        NIXL_APP,
         prefill={"replicas": NIXL_PREFILL_REPLICAS, "cpu_threads": 1},
         decode={"replicas": 1, "cpu_threads": 1},
         # KV travels int8-compressed here: its greedy output must still match colocated.
@@ -120,12 +122,7 @@ def cluster(cluster_env: dict):
                       "compression": {"mode": "static", "profile": NIXL_PROFILE}},
     )
     for extra in (reference, nixl):
-        serve.run(
-            build_app_from_settings(extra),
-            name=extra.app_name,
-            route_prefix=extra.route_prefix,
-            blocking=False,
-        )
+        deploy_extra_app(extra)
     from routing.ingress import Ingress
 
     secure = reference.model_copy(

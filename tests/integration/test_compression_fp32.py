@@ -23,7 +23,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, NIXL_PROFILE, TEST_PORT, TTL_S
+from tests.conftest import MODEL, NIXL_PROFILE, TTL_S, deploy_extra_app, extra_app_settings
 
 FP32_APP = "fp32"
 # 128 MiB of KV holds a whole 2,048-token context in float32; the suite's peak memory is
@@ -37,36 +37,19 @@ GENERATED_TOKENS = 32
 def fp32_url(cluster):
     from ray import serve
 
-    from control_plane.app import build_app_from_settings
-    from control_plane.redis_server import embedded_url
-    from control_plane.settings import load_settings
+    from bench.live_routers import wait_http_ok
 
-    settings = load_settings(
-        None,
-        app_name=FP32_APP,
-        route_prefix=f"/{FP32_APP}",
-        port=TEST_PORT,
-        redis_url=embedded_url(),
-        prefill=FLOAT32_WORKER,
-        decode=FLOAT32_WORKER,
+    settings = extra_app_settings(
+        FP32_APP, prefill=FLOAT32_WORKER, decode=FLOAT32_WORKER,
         kv_connector={"ttl_s": TTL_S, "compression": {"mode": "static", "profile": NIXL_PROFILE}},
     )
-    serve.run(build_app_from_settings(settings), name=FP32_APP, route_prefix=settings.route_prefix,
-              blocking=False)
+    deploy_extra_app(settings)
     url = f"{cluster.url}/{FP32_APP}"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=30).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the float32 app did not become healthy"
-        time.sleep(2)
     try:
+        wait_http_ok(f"{url}/health", 600)
         yield url
     finally:
-        # Its two engines are not needed by the rest of the suite.
+        # Its two engines are not needed by the rest of the suite, whatever happened here.
         serve.delete(FP32_APP)
 
 

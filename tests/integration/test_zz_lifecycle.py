@@ -39,19 +39,8 @@ def _stream_in_background(url: str, events: list[str]) -> threading.Thread:
     return thread
 
 
-def test_down_drains_then_stops_everything(cluster, cluster_env):
-    import ray
-
-    redis_url = json.loads(tandem("status", "--json", env=cluster_env).stdout)["redis"]["url"]
-    ray.shutdown()  # this test process's own driver connection
-    events: list[str] = []
-    streaming = _stream_in_background(cluster.url, events)
-    while not events:
-        time.sleep(0.2)
-    # A grace long enough for the stream on this loaded machine (streams still running at
-    # the end of a grace get a 503 error event instead).
-    down = subprocess.Popen([str(BIN / "tandem"), "down", "--grace", "300"], cwd=ROOT, env=cluster_env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _check_drain_while_streaming(cluster, streaming: threading.Thread, down: subprocess.Popen) -> str:
+    """While the stream runs, `tandem down` drains: new requests get 503; returns its output."""
     # Draining: the ingress refuses new requests at once (503, Retry-After) and says so on
     # /health, while the stream it accepted goes on.
     deadline = time.monotonic() + 60
@@ -65,6 +54,30 @@ def test_down_drains_then_stops_everything(cluster, cluster_env):
     assert streaming.is_alive(), "the stream ended before the drain began; make it longer"
     output, _ = down.communicate(timeout=300)
     assert down.returncode == 0, output
+    return output
+
+
+def test_down_drains_then_stops_everything(cluster, cluster_env):
+    import ray
+
+    redis_url = json.loads(tandem("status", "--json", env=cluster_env).stdout)["redis"]["url"]
+    ray.shutdown()  # this test process's own driver connection
+    events: list[str] = []
+    streaming = _stream_in_background(cluster.url, events)
+    started = time.monotonic()
+    while not events:
+        assert streaming.is_alive() and time.monotonic() - started < 300, "the stream never started"
+        time.sleep(0.2)
+    # A grace long enough for the stream on this loaded machine (streams still running at
+    # the end of a grace get a 503 error event instead).
+    down = subprocess.Popen([str(BIN / "tandem"), "down", "--grace", "300"], cwd=ROOT, env=cluster_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output = _check_drain_while_streaming(cluster, streaming, down)
+    finally:
+        if down.poll() is None:  # a failed check: do not leave it racing the fixture's own down
+            down.kill()
+            down.wait()
     streaming.join(timeout=30)
     # The accepted stream was finished, not cut: every token, the finish reason, [DONE].
     assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), events[-3:]
