@@ -329,7 +329,8 @@ def main(
         writer.writerow({"fault": f"soak {soak_s:.0f}s x {soak_users} users", "sent": soak_report["requests"],
                          ACCEPTED: soak_report["succeeded"], SHED: soak_report["shed"], FAILED: soak_report["failed"],
                          REFUSED: 0, LOST: soak_report["hangs"], "recover_s": "",
-                         "note": f"other 5xx {soak_report['other_5xx']}; ingress RSS x{soak_report['rss_growth_ratio']:.2f}"})
+                         "note": f"other 5xx {soak_report['other_5xx']}; ingress RSS " + (
+                             f"x{soak_report['rss_growth_ratio']:.2f}" if soak_report["rss_growth_ratio"] else "not found")})
         for row in fault_report:
             writer.writerow(row)
     _plot(report, RESULTS / "reliability.png")
