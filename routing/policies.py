@@ -374,7 +374,15 @@ class DualMapPolicy(RoutingPolicy):
         # Predictions this close are the same load seen through calibration noise: among
         # them, the instance caching fewer prefixes takes the new one.
         fastest = min(predicted.values())
-        near = [i for i in healthy if predicted[i] <= fastest * COLD_TIE_RATIO + COLD_TIE_S]
+        # So is an instance no busier than the least busy one and within the SLO: the gap
+        # is then its calibration, not its load, and a calibration only updates with
+        # traffic, so one fitted slower by noise would otherwise never get a new prefix.
+        least_queued = min(loads[i].queued_prefill_tokens for i in healthy)
+        near = [
+            i for i in healthy
+            if predicted[i] <= fastest * COLD_TIE_RATIO + COLD_TIE_S
+            or (loads[i].queued_prefill_tokens <= least_queued and predicted[i] <= self.slo_ttft_s)
+        ]
         best = min(near, key=lambda i: (self._footprint.get(i, 0), predicted[i]))
         return Decision(best, "cold", predicted[best], request.prompt_tokens, loads[best].queued_prefill_tokens)
 

@@ -174,3 +174,24 @@ def test_new_prefixes_spread_over_an_idle_pool_despite_calibration_noise():
     for _ in range(10):
         policy.predictor.observe("i1", 1000, 2.0)
     assert route(policy, request("r9", system=99), loads).instance == "i0"
+
+
+def test_an_idle_instance_fitted_slower_still_gets_new_prefixes():
+    """Calibration is only refreshed by traffic: an idle instance whose TTFT fit came out
+    slower (noise on a shared machine) must not be shut out of new prefixes while it is as
+    idle as the rest and within the SLO; otherwise its fit never corrects."""
+    policy = DualMapPolicy(slo_ttft_s=2.0, prior_tokens_per_s=10_000)
+    for _ in range(20):  # i1 observed 3x slower than i0 on the same work
+        policy.predictor.observe("i0", 1000, 0.10)
+        policy.predictor.observe("i1", 1000, 0.30)
+    loads = pool(2)
+    homes = {route(policy, request(f"r{k}", 100 + k), loads).instance for k in range(6)}
+    assert homes == {"i0", "i1"}  # spread by cache footprint, both idle
+    # With a queue on i1, or an SLO only i0 meets, the faster prediction wins as before.
+    busy = pool(2, i1=InstanceLoad(queued_prefill_tokens=500))
+    assert policy.route(request("q", 999), busy).instance == "i0"
+    strict = DualMapPolicy(slo_ttft_s=0.2, prior_tokens_per_s=10_000)
+    for _ in range(20):
+        strict.predictor.observe("i0", 1000, 0.10)
+        strict.predictor.observe("i1", 1000, 0.30)
+    assert {route(strict, request(f"s{k}", 200 + k), pool(2)).instance for k in range(6)} == {"i0"}
