@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -118,27 +119,26 @@ class CodecChooser:
 
 def encode_blocks(
     profile: codecs.Profile, layout: KVLayout, block_ids: list[int], num_tokens: int
-) -> tuple[list[memoryview], list[BufferInfo], CodecSpec]:
-    """One encoded blob per layer of the given blocks (holding ``num_tokens`` tokens)."""
+) -> tuple[Iterator[memoryview], list[BufferInfo], CodecSpec]:
+    """One encoded blob per layer of the given blocks (holding ``num_tokens`` tokens), made
+    lazily: a layer is read from the cache and encoded when the sender asks for it, so the
+    blocks must stay held until the iterator is done. The BufferInfos' sizes on the wire are
+    known only then (a streamed frame)."""
     kind = codec_layout(layout)
     if kind is None or not profile.supports(head_dim(layout, kind)):
         raise codecs.CodecError(f"profile {profile.name} cannot encode this KV cache layout")
-    started = time.perf_counter()
     index = torch.tensor(block_ids, dtype=torch.long, device=layout.device)
-    tensors = []
-    for layer in layout.layers:
-        picked = [part.index_select(0, index) for part in layer.parts]
-        tensors.append(picked[0] if kind == codecs.LayoutKind.CPU.value else torch.stack(picked))
-    blobs = codecs.encode_request(profile, tensors, kind, num_tokens, layer_indices(layout))
-    infos = [
-        BufferInfo(layer.name, len(blob), layer.block_nbytes * len(block_ids), [len(block_ids)])
-        for layer, blob in zip(layout.layers, blobs, strict=True)
-    ]
-    spec = CodecSpec(
-        id=profile.name,
-        params={"version": profile.version, "layout": kind, "encode_s": time.perf_counter() - started},
-    )
-    return [memoryview(blob) for blob in blobs], infos, spec
+    numbers = layer_indices(layout)
+
+    def encoded() -> Iterator[memoryview]:
+        for layer, number in zip(layout.layers, numbers, strict=True):
+            picked = [part.index_select(0, index) for part in layer.parts]
+            blocks = picked[0] if kind == codecs.LayoutKind.CPU.value else torch.stack(picked)
+            yield memoryview(codecs.encode_layer(profile, number, *codecs.blocks_to_kv(blocks, kind, num_tokens)))
+
+    infos = [BufferInfo(layer.name, 0, layer.block_nbytes * len(block_ids), [len(block_ids)]) for layer in layout.layers]
+    spec = CodecSpec(id=profile.name, params={"version": profile.version, "layout": kind})
+    return encoded(), infos, spec
 
 
 def decode_layer_into_blocks(

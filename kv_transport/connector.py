@@ -393,10 +393,12 @@ class _WorkerSide:
                 except CodecError as exc:
                     log.warning("compression with %s failed (%s): sending uncompressed", profile.name, exc)
                 else:
+                    # Streamed: each layer goes out as it is encoded (sizes and checksum follow
+                    # in the trailer). The blocks stay held until the send is over.
                     header = TransferHeader(
                         transfer_id=send.transfer_id, fingerprint=layout.fingerprint, dtype=layout.dtype,
                         block_size=layout.block_size, num_tokens=send.num_tokens, num_blocks=len(block_ids),
-                        first_block=skip_blocks, buffers=infos, codec=codec, checksum=checksum(blobs),
+                        first_block=skip_blocks, buffers=infos, codec=codec, streamed=True,
                     )
                     return header, blobs
             if layout.device.type == "cpu":
@@ -543,10 +545,15 @@ class _WorkerSide:
             record.codec = header.codec.id
             encode_s = header.codec.params.get("encode_s", 0.0)
             record.encode_s = min(max(float(encode_s), 0.0), fetch_s) if isinstance(encode_s, (int, float)) else 0.0
-            # The publisher encodes when the pull arrives, inside this fetch: without its
-            # encode time, the controller would read a compressed transfer's link as slower
-            # than it is and favour compression more the more it compresses.
-            record.wire_s = fetch_s - record.encode_s
+            # The publisher encodes when the pull arrives, inside this fetch: counting its
+            # encode as wire time, the controller would read a compressed transfer's link as
+            # slower than it is and favour compression more the more it compresses. Streamed,
+            # encode overlaps the wire, and the transport measured the wire itself.
+            if header.measured_wire_s is not None:
+                record.wire_s = min(header.measured_wire_s, fetch_s)
+            else:
+                record.wire_s = fetch_s - record.encode_s
+            record.streamed = header.streamed
             verify(header, received)
             start = wanted_start(header)
             # Bytes the local prefix hit kept off the link.

@@ -31,13 +31,17 @@ class TransferRecord:
     # KV bytes not sent because the puller's own prefix cache held those blocks (e.g. the
     # earlier turns of a conversation that stays on one decode worker).
     saved_bytes: int = 0
+    # The publisher's encode time (all layers, one after the other).
     encode_s: float = 0.0
     # Decoding left after the payload was in: layers are decoded as they land, so over tcp
     # most of it overlaps the wire.
     decode_s: float = 0.0
-    # Fetch time (request to last payload byte) less encode_s: the publisher encodes on
-    # demand, inside the fetch.
+    # Time on the link. Sent whole: the fetch (request to last payload byte) less encode_s,
+    # since the publisher encodes on demand, inside the fetch. Streamed (each layer sent as
+    # it is encoded, over tcp): the time spent receiving the layers' bytes, so encode_s and
+    # wire_s overlap and only total_s is the handoff's duration.
     wire_s: float = 0.0
+    streamed: bool = False
     total_s: float = 0.0  # fetch + verify + decode + write into the paged cache
     error: str = ""
     at: float = field(default_factory=time.time)

@@ -3,6 +3,15 @@
     frame   := MAGIC(4) | header_len(u32, little endian) | header(JSON, utf-8) | payload
     payload := buffer_0 | buffer_1 | ... (sizes listed in the header, in order)
 
+or, streamed (`header.streamed`: each compressed layer is encoded while the previous one is
+on the wire, so sizes and checksum are not known when the header goes out):
+
+    payload := (size(u64) | buffer_i) for each buffer | TRAILER_MAGIC | len(u32) | JSON trailer
+    trailer := {"checksum": xxh64 of the buffers, "encode_s": the sender's encode time}
+
+A size of ABORT_CHUNK instead of a buffer means the sender failed mid-stream; an error
+frame of the transport follows.
+
 The header says everything decode needs without side information: the model/layout
 fingerprint it must match, dtype, block size, token and block counts, the codec and its
 parameters, each buffer's encoded and raw size, and an xxhash64 of the payload. JSON (never
@@ -28,6 +37,10 @@ MAX_HEADER_BYTES = 1 << 20
 # One transfer's payload; far above any real request (256k tokens of a 70B model is ~80 GB
 # only with no GQA), but bounds what a corrupted header can make us allocate.
 MAX_PAYLOAD_BYTES = 64 << 30
+CHUNK_PREFIX = struct.Struct("<Q")
+ABORT_CHUNK = (1 << 64) - 1
+TRAILER_MAGIC = b"TKVT"
+_MAX_TRAILER_BYTES = 64 << 10
 
 
 class WireFormatError(ValueError):
@@ -67,6 +80,12 @@ class TransferHeader:
     # Index of the first block carried: the puller already held the ones before it (a local
     # prefix-cache hit), so only num_blocks blocks from here on crossed the link.
     first_block: int = 0
+    # Buffers follow as sized chunks and a trailer (see the module doc); their nbytes and
+    # the checksum are filled in from those on arrival.
+    streamed: bool = False
+    # Not on the wire: seconds the receiving transport spent taking payload bytes off the
+    # link, where encode overlapped it (a streamed frame); None where it did not measure.
+    measured_wire_s: float | None = None
 
     @property
     def payload_nbytes(self) -> int:
@@ -77,7 +96,9 @@ class TransferHeader:
         return sum(b.raw_nbytes for b in self.buffers)
 
     def encode(self) -> bytes:
-        body = json.dumps(asdict(self), separators=(",", ":")).encode()
+        fields = asdict(self)
+        del fields["measured_wire_s"]
+        body = json.dumps(fields, separators=(",", ":")).encode()
         if len(body) > MAX_HEADER_BYTES:
             raise WireFormatError(f"header too large: {len(body)} bytes")
         return _PREFIX.pack(MAGIC, len(body)) + body
@@ -98,6 +119,7 @@ class TransferHeader:
     def decode(cls, body: bytes) -> TransferHeader:
         try:
             raw = json.loads(body)
+            raw.pop("measured_wire_s", None)  # ours to measure, not the sender's to claim
             buffers = [BufferInfo(**b) for b in raw.pop("buffers")]
             codec = CodecSpec(**raw.pop("codec"))
             header = cls(buffers=buffers, codec=codec, **raw)
@@ -118,8 +140,59 @@ class TransferHeader:
                 raise WireFormatError("buffer sizes must be integers")
             if buf.nbytes < 0 or buf.raw_nbytes < 0:
                 raise WireFormatError("buffer sizes must be non-negative")
+        if not isinstance(self.streamed, bool):
+            raise WireFormatError("streamed must be a boolean")
         if self.payload_nbytes > MAX_PAYLOAD_BYTES or self.raw_nbytes > MAX_PAYLOAD_BYTES:
             raise WireFormatError(f"payload of {self.payload_nbytes} bytes exceeds the limit")
+
+    def chunk_limit(self, index: int) -> int:
+        """The most bytes a streamed chunk may announce for buffer ``index``: an encoded
+        layer is never much larger than the raw one (a lossless stage on incompressible
+        bytes adds little, a container header a few KiB), so a larger size is corruption
+        and must not be allocated."""
+        return 2 * self.buffers[index].raw_nbytes + (1 << 20)
+
+    def complete_stream(self, sizes: Sequence[int], trailer: StreamTrailer) -> None:
+        """Fill in what a streamed frame announces only as it goes: sizes and checksum."""
+        if len(sizes) != len(self.buffers):
+            raise WireFormatError(f"{len(sizes)} chunks for {len(self.buffers)} buffers")
+        for info, size in zip(self.buffers, sizes, strict=True):
+            info.nbytes = size
+        self.checksum = trailer.checksum
+        self.codec.params["encode_s"] = trailer.encode_s
+
+
+@dataclass
+class StreamTrailer:
+    """What a streamed frame can say only after its last buffer."""
+
+    checksum: str
+    encode_s: float = 0.0
+
+    def encode(self) -> bytes:
+        body = json.dumps(asdict(self)).encode()
+        return _PREFIX.pack(TRAILER_MAGIC, len(body)) + body
+
+    @classmethod
+    def parse_prefix(cls, prefix: bytes) -> int:
+        magic, length = _PREFIX.unpack(prefix)
+        if magic != TRAILER_MAGIC:
+            raise WireFormatError(f"bad trailer magic {magic!r}")
+        if not 0 < length <= _MAX_TRAILER_BYTES:
+            raise WireFormatError(f"trailer length {length} out of bounds")
+        return length
+
+    @classmethod
+    def decode(cls, body: bytes) -> StreamTrailer:
+        try:
+            raw = json.loads(body)
+            trailer = cls(checksum=raw["checksum"], encode_s=raw.get("encode_s", 0.0))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise WireFormatError(f"malformed trailer: {exc}") from None
+        if not isinstance(trailer.checksum, str) or not isinstance(trailer.encode_s, (int, float)):
+            raise WireFormatError("malformed trailer fields")
+        trailer.encode_s = max(float(trailer.encode_s), 0.0)
+        return trailer
 
 
 def checksum(buffers: Iterable[memoryview | bytes | bytearray]) -> str:

@@ -72,9 +72,14 @@ class TransferObservation:
     wire_s: float
     encode_s: float = 0.0
     decode_s: float = 0.0
+    # The handoff's measured duration; where stages overlap (a streamed transfer) it is less
+    # than their sum. None: the stages ran in sequence.
+    handoff_s: float | None = None
 
     @property
     def total_s(self) -> float:
+        if self.handoff_s is not None:
+            return self.handoff_s
         return self.encode_s + self.wire_s + self.decode_s
 
 

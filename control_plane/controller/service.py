@@ -45,6 +45,7 @@ def observation_from_fields(fields: dict[bytes | str, bytes | str]) -> TransferO
             wire_s=float(data["wire_s"]),
             encode_s=float(data.get("encode_s", 0.0)),
             decode_s=float(data.get("decode_s", 0.0)),
+            handoff_s=float(data["total_s"]) if "total_s" in data else None,
         )
     except (ValueError, KeyError, TypeError):
         return None
@@ -60,7 +61,7 @@ class ControllerLoop:
         library = load_library(self.settings)
         self.costs = costs_from_library(library)
         self.specs = specs_from_library(library)
-        self.policy = CompressionController(self.costs, classes, pipelined=compression.pipelined)
+        self.policy = CompressionController(self.costs, classes, pipelined=self.settings.kv_connector.streams_layers)
         # link -> EWMA of raw bytes per transfer (the size decisions are made for)
         self.typical_bytes: dict[str, float] = {}
         self.decisions: dict[str, dict[str, Any]] = {}

@@ -11,11 +11,11 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kv_transport.wire import TransferHeader
+from kv_transport.wire import StreamTrailer, TransferHeader, checksum
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,10 @@ class PullContext:
     puller: str = ""
 
 
-# Builds a publication's header and buffers when it is pulled, for that puller.
-Materialize = Callable[[PullContext], tuple[TransferHeader, Sequence[memoryview]]]
+# Builds a publication's header and buffers when it is pulled, for that puller. For a
+# streamed header (header.streamed) the buffers are an iterable that makes each one as it is
+# asked for (encodes a layer), so a transport can send one while the next is made.
+Materialize = Callable[[PullContext], tuple[TransferHeader, Iterable[memoryview]]]
 # Chooses where a pulled payload lands, once its header is known: writable views whose sizes
 # add up to header.payload_nbytes (e.g. the destination KV blocks: a zero-copy receive). None
 # lets the transport allocate one buffer.
@@ -88,6 +90,32 @@ class Publication:
     @property
     def expires_at(self) -> float:
         return self.created_at + self.ttl_s
+
+    def whole(self, context: PullContext) -> tuple[TransferHeader, list[memoryview]]:
+        """Header and every buffer up front, for transports that must know all sizes before
+        they send (one registration, one collective): a streamed publication is made whole."""
+        header, buffers = self.materialize(context)
+        if not header.streamed:
+            return header, list(buffers)
+        made, encode_s = [], 0.0
+        for buffer, seconds in timed(buffers):
+            made.append(memoryview(buffer).cast("B"))
+            encode_s += seconds
+        header.complete_stream([len(b) for b in made], StreamTrailer(checksum(made), encode_s))
+        header.streamed = False
+        return header, made
+
+
+def timed(buffers: Iterable[memoryview]) -> Iterator[tuple[memoryview, float]]:
+    """Each buffer of a (lazy) iterable, with the seconds it took to make."""
+    iterator = iter(buffers)
+    while True:
+        started = time.perf_counter()
+        try:
+            buffer = next(iterator)
+        except StopIteration:
+            return
+        yield buffer, time.perf_counter() - started
 
 
 class PublicationStore:
@@ -164,7 +192,10 @@ class RateLimiter:
         if bytes_per_s <= 0:
             raise ValueError("bytes_per_s must be positive")
         self.rate = float(bytes_per_s)
-        self.burst = float(burst_bytes if burst_bytes is not None else max(bytes_per_s / 100, 64 << 10))
+        # A link that sat idle (the sender encoding the next layer) has not banked capacity
+        # to send the next burst faster: only a small burst, or a streamed transfer's layers
+        # would cross in no time and the link would be measured as faster than it is.
+        self.burst = float(burst_bytes if burst_bytes is not None else 64 << 10)
         self._tokens = self.burst
         self._last = time.monotonic()
         self._lock = threading.Lock()

@@ -92,7 +92,7 @@ class CollectiveTransport(TcpTransport):
         try:
             with self._lock:
                 group = self._groups.get(str(request.get("group")))
-            header, buffers = publication.materialize(pull_context(request))
+            header, buffers = publication.whole(pull_context(request))
             sock.sendall(header.encode())
             if group is None:
                 return False  # the puller sees the connection drop and fails the pull

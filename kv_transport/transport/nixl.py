@@ -100,7 +100,7 @@ class NixlTransport(TcpTransport):
         outcome = SEND_FAILED
         registered = None
         try:
-            header, buffers = publication.materialize(pull_context(request))
+            header, buffers = publication.whole(pull_context(request))
             regions = _coalesce([_address_of(b) for b in buffers])
             if regions:
                 registered = self.agent.register_memory([(a, n, 0, "") for a, n in regions], "DRAM")

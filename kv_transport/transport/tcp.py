@@ -7,6 +7,9 @@ and reused; one listener serves all transfers of a worker process.
 
     request  := b"TKVQ" | len(u32) | JSON {"op": "pull", "transfer_id": str, "wait_s": float}
     response := a wire frame (kv_transport.wire)  |  b"TKVE" | len(u32) | JSON {"error", "code"}
+
+A compressed transfer goes out as a streamed frame: each layer is sent as soon as it is
+encoded, so encoding, the wire and the puller's decoding of earlier layers overlap.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import xxhash
 
 from kv_transport.transport.base import (
     PULLED,
@@ -36,8 +42,17 @@ from kv_transport.transport.base import (
     Transport,
     pull_context,
     receive_buffers,
+    timed,
 )
-from kv_transport.wire import PREFIX_SIZE, TransferHeader
+from kv_transport.wire import (
+    ABORT_CHUNK,
+    CHUNK_PREFIX,
+    MAX_PAYLOAD_BYTES,
+    PREFIX_SIZE,
+    StreamTrailer,
+    TransferHeader,
+    WireFormatError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +164,80 @@ def serve_pull(
     """Send one publication's frame on ``sock``; False if the connection is unusable."""
     outcome = SEND_FAILED
     try:
-        header, buffers = publication.materialize(context or PullContext())
-        _send_buffers(sock, [header.encode(), *buffers])
+        try:
+            header, buffers = publication.materialize(context or PullContext())
+        except Exception as exc:  # noqa: BLE001 - report the failure to the puller
+            log.exception("tcp transport: preparing %s failed", publication.transfer_id)
+            sock.sendall(error_frame(str(exc), "publish_failed"))
+            return True
+        if header.streamed:
+            _send_stream(sock, header, buffers)
+        else:
+            _send_buffers(sock, [header.encode(), *buffers])
         outcome = PULLED
         return True
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - report the failure to the puller
-        log.exception("tcp transport: preparing %s failed", publication.transfer_id)
-        sock.sendall(error_frame(str(exc), "publish_failed"))
-        return True
+    except _StreamAborted:
+        return True  # the puller was told; the connection is still in step
     finally:
         store.finish(publication, outcome)
+
+
+class _StreamAborted(Exception):
+    pass
+
+
+def _send_stream(sock: socket.socket, header: TransferHeader, buffers: Iterable[memoryview]) -> None:
+    """A streamed frame: the header, then each buffer as soon as it is made (the next layer
+    is encoded while this one drains from the socket buffer), then the trailer."""
+    _send_buffers(sock, [header.encode()])
+    digest, encode_s, made = xxhash.xxh64(), 0.0, 0
+    try:
+        for buffer, seconds in timed(buffers):
+            encode_s += seconds
+            digest.update(buffer)
+            _send_buffers(sock, [CHUNK_PREFIX.pack(len(buffer)), buffer])
+            made += 1
+        if made != len(header.buffers):
+            raise ValueError(f"made {made} buffers, the header announced {len(header.buffers)}")
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the header is out: abort in-band
+        log.exception("tcp transport: encoding %s failed mid-stream", header.transfer_id)
+        sock.sendall(CHUNK_PREFIX.pack(ABORT_CHUNK) + error_frame(str(exc), "publish_failed"))
+        raise _StreamAborted from exc
+    _send_buffers(sock, [StreamTrailer(digest.hexdigest(), encode_s).encode()])
+
+
+def _receive_stream(
+    sock: socket.socket, header: TransferHeader, limiter: RateLimiter | None, landed: Landed | None
+) -> list[memoryview]:
+    """The chunks and trailer of a streamed frame, one buffer per chunk; fills in the
+    header's sizes, checksum and encode time, and the time spent receiving chunk bodies."""
+    views: list[memoryview] = []
+    wire_s, total = 0.0, 0
+    for index in range(len(header.buffers)):
+        (size,) = CHUNK_PREFIX.unpack(recv_bytes(sock, CHUNK_PREFIX.size))
+        if size == ABORT_CHUNK:
+            prefix = recv_bytes(sock, _SMALL.size)
+            if prefix[:4] != _ERR_MAGIC:
+                raise WireFormatError("stream aborted without an error frame")
+            error = read_small_frame(sock, prefix)
+            raise TransferError(f"publisher failed mid-stream: {error.get('error')}", code=error.get("code", "error"))
+        total += size
+        if size > header.chunk_limit(index) or total > MAX_PAYLOAD_BYTES:
+            raise WireFormatError(f"chunk {index} of {size} bytes exceeds what its layer can encode to")
+        buffer = memoryview(bytearray(size))
+        # Only the body: waiting for the size is waiting for the publisher's encode.
+        started = time.perf_counter()
+        _recv_exact(sock, buffer, limiter)
+        wire_s += time.perf_counter() - started
+        views.append(buffer)
+        if landed is not None:
+            landed(header, index, buffer)
+    length = StreamTrailer.parse_prefix(recv_bytes(sock, _SMALL.size))
+    header.complete_stream([len(v) for v in views], StreamTrailer.decode(recv_bytes(sock, length)))
+    header.measured_wire_s = wire_s
+    return views
 
 
 def read_small_frame(sock: socket.socket, prefix: bytes) -> dict[str, Any]:
@@ -257,6 +334,8 @@ class TcpTransport(Transport):
     ) -> tuple[TransferHeader, list[memoryview]]:
         def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
             header = TransferHeader.decode(recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
+            if header.streamed:
+                return header, _receive_stream(sock, header, limiter, landed)
             views = receive_buffers(header, into)
             if landed is not None and len(views) == 1:
                 # Buffer by buffer, so each is handed on while the next is on the wire.

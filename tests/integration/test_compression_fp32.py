@@ -103,3 +103,17 @@ def test_8bit_kv_keeps_32_greedy_tokens_identical_on_every_calibration_prompt(cl
             break
         assert time.monotonic() < deadline, counts
         time.sleep(1)
+
+    # Over tcp the compressed transfers were streamed, a layer on the wire as soon as it was
+    # encoded: the stages overlapped, so none took longer than the handoff, and the sizes
+    # and checksum came in the trailer.
+    from control_plane.redis_server import embedded_url
+    from kv_transport.telemetry import read_stream
+
+    records = [r for r in read_stream(embedded_url(), count=200)
+               if r["codec"] == NIXL_PROFILE and r["ok"] and r.get("streamed")]
+    assert len(records) >= len(prompts)
+    for record in records:
+        assert record["raw_bytes"] > record["wire_bytes"] > 0, record
+        assert record["encode_s"] > 0 and record["wire_s"] > 0, record
+        assert max(record["encode_s"], record["wire_s"]) + record["decode_s"] <= record["total_s"] + 1e-6, record

@@ -18,6 +18,7 @@ from kv_transport.compression import (
     layer_indices,
 )
 from kv_transport.layout import KVLayout
+from kv_transport.transport.base import Publication, PullContext
 from kv_transport.wire import TransferHeader, checksum, split_payload, verify
 
 BLOCKS, HEADS, BLOCK_SIZE, HEAD_DIM, LAYERS = 12, 3, 16, 64, 4
@@ -40,8 +41,11 @@ def _round_trip(profile_name: str, skip: int) -> tuple[KVLayout, KVLayout, list[
     num_tokens = 3 * BLOCK_SIZE + 5
     carried = send_ids[skip:]
     blobs, infos, codec = encode_blocks(codecs.get_profile(profile_name), source, carried, num_tokens - skip * BLOCK_SIZE)
-    header = TransferHeader("t", source.fingerprint, source.dtype, BLOCK_SIZE, num_tokens, len(carried),
-                            infos, codec, checksum(blobs), first_block=skip)
+    streamed = TransferHeader("t", source.fingerprint, source.dtype, BLOCK_SIZE, num_tokens, len(carried),
+                              infos, codec, first_block=skip, streamed=True)
+    # Made whole, as a transport that cannot stream does: sizes and checksum filled in.
+    header, blobs = Publication("t", lambda _ctx: (streamed, blobs), lambda *_: None).whole(PullContext())
+    assert header.codec.params["encode_s"] > 0 and header.checksum == checksum(blobs)
     frame = header.encode()
     received = TransferHeader.decode(frame[8:])
     payload = b"".join(bytes(b) for b in blobs)
@@ -81,7 +85,7 @@ def test_lossless_round_trip_with_a_prefix_skip_is_bit_exact():
 def test_a_corrupt_blob_raises_a_codec_error():
     source, target = _cache(1), _cache(2)
     blobs, infos, codec = encode_blocks(codecs.get_profile("int8-kivi"), source, [1, 2], 2 * BLOCK_SIZE)
-    broken = bytearray(blobs[0])
+    broken = bytearray(next(blobs))
     broken[5] ^= 0xFF
     with pytest.raises(codecs.CodecError):
         decode_layer_into_blocks(target, codec, 0, memoryview(broken), [0, 1], 0)

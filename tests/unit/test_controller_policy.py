@@ -95,3 +95,21 @@ def test_pipelined_model_takes_the_slowest_stage():
     wire = raw / (1 * GBPS * profile.ratio)
     assert math.isclose(pipelined, profile.fixed_s + wire)
     assert serial > pipelined
+
+
+def test_an_overlapped_handoff_is_judged_by_its_measured_duration():
+    """A streamed transfer's stages overlap: the bandit compares the model with the handoff
+    as measured, not with the sum of stages that ran at the same time."""
+    streamed = TransferObservation("l", "p", 100 * MB, 25 * MB, wire_s=0.2, encode_s=0.2, decode_s=0.01,
+                                   handoff_s=0.25)
+    assert streamed.total_s == 0.25
+    serial = TransferObservation("l", "p", 100 * MB, 25 * MB, wire_s=0.2, encode_s=0.2, decode_s=0.01)
+    assert math.isclose(serial.total_s, 0.41)
+
+
+def test_the_latency_model_follows_the_transport():
+    from control_plane.settings import ConnectorSettings
+
+    assert ConnectorSettings(transport="tcp").streams_layers  # streams each layer as encoded
+    assert not ConnectorSettings(transport="nixl").streams_layers  # encodes whole, then sends
+    assert not ConnectorSettings(transport="tcp", compression={"pipelined": False}).streams_layers

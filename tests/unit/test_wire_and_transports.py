@@ -15,8 +15,10 @@ from kv_transport.transport.collective import CollectiveTransport
 from kv_transport.transport.nixl import NixlTransport
 from kv_transport.transport.tcp import TcpTransport
 from kv_transport.wire import (
+    CHUNK_PREFIX,
     BufferInfo,
     ChecksumMismatch,
+    StreamTrailer,
     TransferHeader,
     WireFormatError,
     checksum,
@@ -293,6 +295,116 @@ def test_truncated_stream_is_a_transfer_error(transports):
     with pytest.raises(TransferError):
         client.fetch({"host": "127.0.0.1", "port": listener.getsockname()[1]}, "t1", timeout_s=5)
     listener.close()
+
+
+def _streamed_header(raw_sizes: list[int], transfer_id: str) -> TransferHeader:
+    """A compressed transfer's header as the connector sends it: raw sizes known, sizes on
+    the wire and checksum only after each layer is encoded."""
+    header = _header([b""] * len(raw_sizes), transfer_id)
+    header.buffers = [BufferInfo(f"layer.{i}", 0, raw, [3]) for i, raw in enumerate(raw_sizes)]
+    header.checksum, header.streamed = "", True
+    header.codec.id = "zstd3"
+    return header
+
+
+def test_a_streamed_publication_arrives_whole_on_every_transport(transports):
+    """Layers made one at a time (an encode per layer) reach the puller with their sizes,
+    checksum and encode time; over tcp each layer is on its way before the next is made."""
+    server, client = transports
+    buffers = [os.urandom(n) for n in (200_000, 7, 0, 150_000)]
+    made_at: list[float] = []
+
+    def encode_each():
+        for buffer in buffers:
+            time.sleep(0.05)  # the encode of one layer
+            made_at.append(time.monotonic())
+            yield memoryview(buffer)
+
+    done: list = []
+    header = _streamed_header([2 * len(b) for b in buffers], "streamed")
+    server.publish(Publication("streamed", lambda _ctx: (header, encode_each()), lambda t, o: done.append(o)))
+    landed_at: list[tuple[int, bytes, float]] = []
+    received_header, received = client.fetch(
+        server.address, "streamed", landed=lambda h, i, view: landed_at.append((i, bytes(view), time.monotonic()))
+    )
+    assert [(i, b) for i, b, _ in landed_at] == list(enumerate(buffers))
+    assert [b.nbytes for b in received_header.buffers] == [len(b) for b in buffers]
+    verify(received_header, received)
+    assert received_header.codec.params["encode_s"] >= 0.15
+    assert _eventually(lambda: done == ["pulled"])
+    if isinstance(client, (NixlTransport, CollectiveTransport)):
+        assert not received_header.streamed  # made whole before sending
+        return
+    assert received_header.streamed and received_header.measured_wire_s is not None
+    # The first layer landed before the last one was even encoded.
+    assert landed_at[0][2] < made_at[-1]
+
+
+def test_a_publisher_failing_mid_stream_tells_the_puller():
+    server, client = TcpTransport(), TcpTransport()
+    try:
+        def encode_then_fail():
+            yield memoryview(b"first layer")
+            raise RuntimeError("codec exploded")
+
+        done: list = []
+        header = _streamed_header([100, 100], "half")
+        server.publish(Publication("half", lambda _ctx: (header, encode_then_fail()), lambda t, o: done.append(o)))
+        with pytest.raises(TransferError, match="codec exploded") as err:
+            client.fetch(server.address, "half")
+        assert err.value.code == "publish_failed"
+        assert _eventually(lambda: done == ["send_failed"])
+        # The link still serves the next transfer.
+        _publish(server, "next", [b"kv"])
+        assert bytes(client.fetch(server.address, "next")[1][0]) == b"kv"
+    finally:
+        server.close()
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "after_header",
+    [
+        CHUNK_PREFIX.pack(1 << 40),  # a chunk far beyond what its layer encodes to
+        CHUNK_PREFIX.pack(3) + b"abc" + b"TKVX" + (2).to_bytes(4, "little") + b"{}",  # foreign trailer
+        CHUNK_PREFIX.pack(3) + b"abc" + b"TKVT" + (9).to_bytes(4, "little") + b"{not json",  # corrupt trailer
+    ],
+)
+def test_a_hostile_streamed_frame_is_refused_before_allocation(after_header):
+    client = TcpTransport()
+    listener = socket.create_server(("127.0.0.1", 0))
+    header = _streamed_header([1000], "hostile")
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(header.encode() + after_header)
+        time.sleep(0.5)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(WireFormatError):
+            client.fetch({"host": "127.0.0.1", "port": listener.getsockname()[1]}, "hostile", timeout_s=5)
+    finally:
+        listener.close()
+        client.close()
+
+
+def test_a_trailer_with_the_wrong_checksum_fails_verification():
+    header = _streamed_header([10, 10], "t")
+    header.complete_stream([3, 3], StreamTrailer.decode(StreamTrailer(checksum([b"abc", b"abd"]), 0.01).encode()[8:]))
+    with pytest.raises(ChecksumMismatch):
+        verify(header, [b"abc", b"abc"])
+
+
+def test_the_receive_side_measurement_never_comes_from_the_wire():
+    header = _streamed_header([10], "t")
+    header.measured_wire_s = 0.5
+    assert "measured_wire_s" not in header.encode().decode(errors="replace")
+    assert TransferHeader.decode(header.encode()[8:]).measured_wire_s is None
+    forged = header.encode()[8:].replace(b'"streamed":true', b'"streamed":true,"measured_wire_s":9')
+    assert TransferHeader.decode(forged).measured_wire_s is None
 
 
 def test_rate_limiter_paces_a_link():
