@@ -261,7 +261,12 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
         for name, app_status in serve.status().applications.items()
         if "Ingress" in app_status.deployments and only in (None, name)
     }
-    if not apps or not redis_url or not redis_server.ping(redis_url, timeout=2.0):
+    if not apps:
+        return {}
+    if not redis_url or not redis_server.ping(redis_url, timeout=2.0):
+        # The drain is a Redis key the replicas watch: without Redis, nothing to wait for.
+        console.print(f"[yellow]Redis {redis_server.redacted(redis_url)} unreachable: "
+                      f"{', '.join(apps)} not drained, in-flight requests may be cut[/]")
         return {}
     for name in apps:
         drain.request_drain(redis_url, name, grace_s=grace_s, ttl_s=grace_s + 120)
@@ -305,17 +310,19 @@ def drain_command(
 @app.command()
 def down(
     grace: float | None = typer.Option(None, help="Seconds to let in-flight requests finish (default: routing.drain_grace_s)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings YAML file (the one `tandem up` used)."),
 ) -> None:
     """Drain the ingresses, then stop the Serve app, and the Ray and Redis that `tandem up` started."""
     state = _read_state()
+    settings = load_settings(config)
     address = state.get("ray_address") or os.environ.get("RAY_ADDRESS") or "auto"
     if state.get("started_ray") or address != "auto" or local_ray_running():
         try:
             _connect_ray(address)
             from ray import serve
 
-            grace_s = load_settings(None).routing.drain_grace_s if grace is None else grace
-            redis_url = state.get("redis_url") or redis_server.embedded_url()
+            grace_s = settings.routing.drain_grace_s if grace is None else grace
+            redis_url = _redis_url(settings)
             app_name = state.get("app_name")
             whole_cluster = bool(state.get("started_ray") or not app_name)
             drained = _drain_ingresses(redis_url, grace_s, only=None if whole_cluster else app_name)
