@@ -61,8 +61,9 @@ def redacted(url: str | None) -> str | None:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    # The host part as written (an IPv6 address keeps its brackets).
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def ping(url: str, timeout: float = 0.5) -> bool:

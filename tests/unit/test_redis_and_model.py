@@ -43,5 +43,6 @@ def test_printed_redis_urls_hide_the_password():
 
     assert redacted("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redacted("rediss://user:s3cret@host/1") == "rediss://user:***@host/1"
+    assert redacted("redis://:s3cret@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
     assert redacted("redis://127.0.0.1:6390/0") == "redis://127.0.0.1:6390/0"
     assert redacted(None) is None
