@@ -47,7 +47,17 @@ KV_PROFILE_HEADER = "x-tandem-kv-profile"
 TIMEOUT_HEADER = "x-tandem-timeout-s"
 _PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9.+:_-]{0,79}")
 
-app = FastAPI(title="Tandem", summary="OpenAI-compatible disaggregated prefill/decode serving")
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tandem")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "0+unknown"
+
+
+app = FastAPI(title="Tandem", summary="OpenAI-compatible disaggregated prefill/decode serving",
+              version=_package_version())
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,7 +114,7 @@ def _openapi() -> dict[str, Any]:
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
@@ -470,7 +480,7 @@ class Ingress:
         prefill_started = time.monotonic()
         # An empty prefill pool means replicas died, never "scaled to zero" (settings require
         # at least one): decode serves instead of waiting for a replacement engine.
-        router = serve_router.router_for(self.settings.app_name, "PrefillWorker")
+        router = serve_router.router_for(self.settings.app_name, self._first_pool)
         prefill = await run_prefill_watched(
             self.prefill, endpoint, body, slo_class, kv_profile,
             pool_has_replicas=(lambda: router.replica_count() > 0) if router is not None else None,
