@@ -318,7 +318,9 @@ def main(
         fault_report = fault_runs(url, port)
     finally:
         subprocess.run([TANDEM, "down", "--grace", "5"], env=_env(port), cwd=ROOT, capture_output=True, timeout=600)
-    report = {"machine": "2 CPU cores, no GPU; SmolLM2-135M on vLLM CPU, 1 prefill + 1 decode",
+    from bench.common import machine
+
+    report = {"machine": machine(), "setup": "SmolLM2-135M on vLLM CPU, 1 prefill + 1 decode",
               "admission": {"max_in_flight": 8, "max_predicted_ttft_s": 10},
               "soak": soak_report, "faults": fault_report}
     (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2))
