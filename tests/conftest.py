@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,32 @@ class Cluster:
 
     def worker_stats(self, deployment: str, app_name: str | None = None) -> dict:
         return self.handle(deployment, app_name).record_routing_stats.remote().result()
+
+    def wait_blocks_free(self, deployment: str, timeout_s: float, app_name: str | None = None) -> bool:
+        """Until the worker holds no KV block for a request (its prefix cache can be reset,
+        which also empties it); False if it still does after ``timeout_s``."""
+        handle = self.handle(deployment, app_name)
+        deadline = time.monotonic() + timeout_s
+        while not handle.reset_prefix_cache.remote().result():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+
+def metric_samples(metrics_text: str, name: str) -> list:
+    """The samples named ``name`` in a Prometheus text page (an ingress's /metrics, with
+    its workers' metrics merged in)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s for family in text_string_to_metric_families(metrics_text) for s in family.samples if s.name == name]
+
+
+def calibration_messages() -> list[tuple[str, list[dict]]]:
+    """The profiler's bundled calibration prompts: (id, chat messages)."""
+    from control_plane.profiler.calibration import load_prompts
+
+    return [(p.id, list(p.messages)) for p in load_prompts()]
 
 
 def tandem(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

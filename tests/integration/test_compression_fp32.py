@@ -21,9 +21,16 @@ import time
 import httpx
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, NIXL_PROFILE, TTL_S, deploy_extra_app, extra_app_settings
+from tests.conftest import (
+    MODEL,
+    NIXL_PROFILE,
+    TTL_S,
+    calibration_messages,
+    deploy_extra_app,
+    extra_app_settings,
+    metric_samples,
+)
 
 FP32_APP = "fp32"
 # 128 MiB of KV holds a whole 2,048-token context in float32; the suite's peak memory is
@@ -53,40 +60,26 @@ def fp32_url(cluster):
         serve.delete(FP32_APP)
 
 
-def _empty_decode_prefix_cache(cluster) -> None:
-    handle = cluster.handle("DecodeWorker", FP32_APP)
-    deadline = time.monotonic() + 60
-    while not handle.reset_prefix_cache.remote().result():
-        assert time.monotonic() < deadline, "the decode worker kept blocks in use"
-        time.sleep(0.5)
-
-
 def _transfers_by_codec(url: str) -> dict[str, float]:
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        for sample in family.samples:
-            if sample.name == "tandem:kv_transfers_total" and sample.labels.get("outcome", "ok") == "ok":
-                codec = sample.labels.get("codec", "")
-                counts[codec] = counts.get(codec, 0.0) + sample.value
+    for sample in metric_samples(httpx.get(f"{url}/metrics", timeout=30).text, "tandem:kv_transfers_total"):
+        if sample.labels.get("outcome", "ok") == "ok":
+            codec = sample.labels.get("codec", "")
+            counts[codec] = counts.get(codec, 0.0) + sample.value
     return counts
-
-
-def _calibration_messages() -> list[tuple[str, list[dict]]]:
-    from control_plane.profiler.calibration import load_prompts
-
-    return [(p.id, list(p.messages)) for p in load_prompts()]
 
 
 def test_8bit_kv_keeps_32_greedy_tokens_identical_on_every_calibration_prompt(cluster, fp32_url):
     compressed_client = OpenAI(base_url=f"{fp32_url}/v1", api_key="unused", max_retries=0, timeout=300)
     uncompressed_client = OpenAI(base_url=f"{fp32_url}/v1", api_key="unused", max_retries=0, timeout=300,
                                  default_headers={"x-tandem-kv-profile": "identity"})
-    prompts = _calibration_messages()
+    prompts = calibration_messages()
     differing = []
     for prompt_id, messages in prompts:
         answers = []
         for client in (compressed_client, uncompressed_client):
-            _empty_decode_prefix_cache(cluster)
+            # Neither answer may reuse the other's blocks.
+            assert cluster.wait_blocks_free("DecodeWorker", 60, FP32_APP), "the decode worker kept blocks in use"
             reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
                                                    max_tokens=GENERATED_TOKENS)
             answers.append((reply.choices[0].message.content, reply.usage.completion_tokens))

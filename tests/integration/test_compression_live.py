@@ -11,22 +11,15 @@ import time
 import httpx
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, NIXL_PROFILE
+from tests.conftest import MODEL, NIXL_PROFILE, calibration_messages, metric_samples
 
 LONG = "Summarise this in one sentence. " + " ".join(
     f"Paragraph {i}: the committee met on a rainy Tuesday to discuss budget item {i}." for i in range(30)
 )
 
 
-def _calibration_messages() -> list[tuple[str, list[dict]]]:
-    from control_plane.profiler.calibration import load_prompts
-
-    return [(p.id, p.messages) for p in load_prompts()]
-
-
-@pytest.mark.parametrize("prompt_id,messages", _calibration_messages(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("prompt_id,messages", calibration_messages(), ids=lambda v: v if isinstance(v, str) else "")
 def test_8bit_kv_keeps_the_first_tokens_on_the_calibration_prompts(cluster, reference_client, prompt_id, messages):
     """A broken codec path (wrong layout, wrong blocks) derails the answer at once: the first
     tokens after an 8-bit handoff must be the colocated engine's."""
@@ -43,15 +36,11 @@ def test_8bit_kv_greedy_agreement_over_32_tokens(cluster, reference_client):
     demanding all of them. test_compression_fp32.py demands all of them on float32 engines."""
     client = OpenAI(base_url=f"{cluster.nixl_url}/v1", api_key="unused", max_retries=0, timeout=300)
     identical = []
-    for prompt_id, messages in _calibration_messages():
+    for prompt_id, messages in calibration_messages():
         compressed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
         colocated = reference_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
         identical.append((prompt_id, compressed.choices[0].message.content == colocated.choices[0].message.content))
     assert sum(same for _, same in identical) >= 3, identical
-
-
-def _samples(text: str, name: str) -> list:
-    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
 
 
 def test_transfers_are_compressed_and_answers_stay_greedy_identical(cluster, reference_client):
@@ -65,7 +54,7 @@ def test_transfers_are_compressed_and_answers_stay_greedy_identical(cluster, ref
     deadline = time.monotonic() + 20  # workers publish metrics with their 5 s heartbeat
     while time.monotonic() < deadline:
         text = httpx.get(f"{cluster.nixl_url}/metrics", timeout=30).text
-        ratios = [s for s in _samples(text, "tandem:kv_transfer_compression_ratio")
+        ratios = [s for s in metric_samples(text, "tandem:kv_transfer_compression_ratio")
                   if s.labels.get("codec") == NIXL_PROFILE]
         if ratios:
             break
@@ -73,9 +62,9 @@ def test_transfers_are_compressed_and_answers_stay_greedy_identical(cluster, ref
     assert ratios, "no transfer with the int8 profile was reported"
     # This long prompt's transfer: int8 plus scales, a raw 32-token window: ~1.7x fewer bytes.
     assert max(s.value for s in ratios) > 1.5
-    raw = sum(s.value for s in _samples(text, "tandem:kv_transfer_bytes_total")
+    raw = sum(s.value for s in metric_samples(text, "tandem:kv_transfer_bytes_total")
               if s.labels.get("codec") == NIXL_PROFILE and s.labels.get("stage") == "raw")
-    wire = sum(s.value for s in _samples(text, "tandem:kv_transfer_bytes_total")
+    wire = sum(s.value for s in metric_samples(text, "tandem:kv_transfer_bytes_total")
                if s.labels.get("codec") == NIXL_PROFILE and s.labels.get("stage") == "wire")
     assert raw > 1.3 * wire > 0  # all of the app's transfers, short prompts (mostly raw window) too
 
@@ -110,7 +99,7 @@ def test_a_request_can_pin_a_profile(cluster, reference_client):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         text = httpx.get(f"{cluster.nixl_url}/metrics", timeout=30).text
-        if any(s.labels.get("codec") == "zstd3" for s in _samples(text, "tandem:kv_transfers_total")):
+        if any(s.labels.get("codec") == "zstd3" for s in metric_samples(text, "tandem:kv_transfers_total")):
             break
         time.sleep(1)
     else:

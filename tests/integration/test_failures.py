@@ -52,18 +52,9 @@ def _decode_with(cluster, params: dict) -> tuple[str, dict, dict]:
     return text, before, cluster.worker_stats("DecodeWorker")
 
 
-def _all_blocks_free(cluster, deployment: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cluster.handle(deployment).reset_prefix_cache.remote().result():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
-
-
 def _assert_no_leaked_blocks(cluster) -> None:
-    assert _all_blocks_free(cluster, "PrefillWorker", TTL_S + 15), "prefill holds KV blocks"
-    assert _all_blocks_free(cluster, "DecodeWorker", 15), "decode holds KV blocks"
+    assert cluster.wait_blocks_free("PrefillWorker", TTL_S + 15), "prefill holds KV blocks"
+    assert cluster.wait_blocks_free("DecodeWorker", 15), "decode holds KV blocks"
 
 
 def test_clean_handoff_moves_kv(cluster, reference_text):
@@ -114,7 +105,7 @@ def test_unpulled_transfer_expires_and_frees_blocks(cluster):
     before = cluster.worker_stats("PrefillWorker")
     _prefill(cluster)
     assert not cluster.handle("PrefillWorker").reset_prefix_cache.remote().result()  # held
-    assert _all_blocks_free(cluster, "PrefillWorker", TTL_S + 15)
+    assert cluster.wait_blocks_free("PrefillWorker", TTL_S + 15)
     deadline = time.monotonic() + 15
     while cluster.worker_stats("PrefillWorker")["kv_expired_requests"] == before["kv_expired_requests"]:
         assert time.monotonic() < deadline, "expiry was not counted"
@@ -186,7 +177,7 @@ def test_transfer_not_needed_is_released_at_once(cluster, reference_text):
     text, before, after = _decode_with(cluster, params)
     assert text == reference_text
     assert after["kv_transfers"] == before["kv_transfers"]  # nothing was pulled
-    assert _all_blocks_free(cluster, "PrefillWorker", timeout_s=TTL_S / 2)
+    assert cluster.wait_blocks_free("PrefillWorker", TTL_S / 2)
 
 
 def test_request_deadline_header_ends_a_stream_with_504_and_frees_the_engine(cluster, http):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bench import fault_injection as faults
-from tests.conftest import MODEL, NIXL_APP, NIXL_PREFILL_REPLICAS, SECURE_KEY
+from tests.conftest import MODEL, NIXL_APP, NIXL_PREFILL_REPLICAS, SECURE_KEY, metric_samples
 
 APP = "tandem"
 RECOVERY_TIMEOUT_S = 300
@@ -120,8 +120,7 @@ def test_prefill_killed_with_requests_in_flight_loses_none(cluster):
 
 def _recomputes(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("tandem:prefill_recomputes_total{"))
+    return sum(s.value for s in metric_samples(text, "tandem:prefill_recomputes_total"))
 
 
 def test_lost_prefill_pool_is_served_by_decode_before_the_replacement_starts(cluster):
