@@ -34,7 +34,8 @@ def kill_replica(app_name: str, deployment: str, index: int = 0) -> str:
     if not names:
         raise LookupError(f"no replica of {app_name}/{deployment}")
     name = names[index % len(names)]
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    # Serve's controller, not Ray's actor restart, replaces it: as a crash would be.
+    ray.kill(ray.get_actor(name, namespace="serve"))
     return name
 
 

@@ -255,7 +255,10 @@ def fault_runs(url: str, port: int) -> list[dict[str, Any]]:
         served_while_down = sum(o.fate == ACCEPTED for o in load.window(injected, time.monotonic()))
         restarted = time.time()
         faults.start_redis(port_redis)
+        back_by = time.monotonic() + 120  # workers heartbeat every 5 s
         while not any(w.get("heartbeat_at", 0) > restarted for w in list_workers(redis_url, APP)):
+            if time.monotonic() > back_by:
+                raise TimeoutError("no worker state back in Redis 120 s after its restart")
             time.sleep(0.5)
         record("Redis stopped for 20 s", injected, time.monotonic() - injected,
                f"{served_while_down} requests succeeded while Redis was down; recover = worker state back in Redis")

@@ -121,11 +121,11 @@ class CompressionSettings(_Strict):
     # Decisions expire from Redis after this; connectors re-read them this often.
     decision_ttl_s: float = Field(60.0, gt=0)
     decision_cache_s: float = Field(2.0, gt=0)
-    # The controller's latency model: stages in sequence (False) or overlapped, the slowest
-    # one setting the pace (True, the max form). None: as the transport moves a compressed
-    # transfer: tcp streams it layer by layer (encode, wire and decode overlap), nixl and
-    # nccl/gloo encode it whole before sending it.
-    pipelined: bool | None = None
+    # The controller's latency model: stages in sequence (False), or the wire overlapping the
+    # codec (True: tcp streams each layer as it is encoded). True suits codecs on GPUs of
+    # their own; on CPU hosts shared with the engines the codecs run slower than profiled
+    # and the sequential form predicts better (control_plane/controller/policy.py).
+    pipelined: bool = False
 
     @model_validator(mode="after")
     def _default_class_exists(self) -> CompressionSettings:
@@ -164,13 +164,6 @@ class ConnectorSettings(_Strict):
     # ones are refused. None: off (the embedded default on loopback); set it (e.g. from a
     # Kubernetes Secret via TANDEM_KV_CONNECTOR__AUTH_SECRET) whenever workers are reachable.
     auth_secret: str | None = Field(None, repr=False)
-
-    @property
-    def streams_layers(self) -> bool:
-        """Whether a compressed transfer's stages overlap (the controller's pipelined model)."""
-        if self.compression.pipelined is not None:
-            return self.compression.pipelined
-        return self.transport == "tcp"
 
 
 class RoutingSettings(_Strict):

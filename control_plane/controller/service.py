@@ -61,7 +61,7 @@ class ControllerLoop:
         library = load_library(self.settings)
         self.costs = costs_from_library(library)
         self.specs = specs_from_library(library)
-        self.policy = CompressionController(self.costs, classes, pipelined=self.settings.kv_connector.streams_layers)
+        self.policy = CompressionController(self.costs, classes, pipelined=compression.pipelined)
         # link -> EWMA of raw bytes per transfer (the size decisions are made for)
         self.typical_bytes: dict[str, float] = {}
         self.decisions: dict[str, dict[str, Any]] = {}
