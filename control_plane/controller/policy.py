@@ -9,14 +9,14 @@ bandwidth ``B`` (bytes/s everywhere):
     T(p) = a_p + max(V/(B·cr_p), V/S_enc,p + V/S_dec,p)    (pipelined)
 
 with ``cr`` = original bytes / compressed bytes. Over tcp the layers are streamed, so the
-wire overlaps the codec, but the pipelined form only pays where the codecs keep their
+wire overlaps the codec, but an overlapped form only pays where the codecs keep their
 profiled speed in place. Measured on one CPU host running both engines
 (bench/compression_links.py), they run 1.3-1.5x slower than profiled and compete for the
-same cores: there the pipelined form predicted the handoff within a few percent on slow
-links but half of it at 5 Gbps and up, steering the controller into compressing fast links,
-while the sequential form overestimated slow links (where compressing wins anyway) and put
-every decision boundary right. Sequential is the default; pipelined is for codecs on
-accelerators of their own, where encode and decode are small next to the wire. The offline profiler measured a, S_enc,
+same cores: max(encode, wire, decode) predicted the handoff within a few percent on slow
+links but half of it at 5 Gbps and up, steering the controller into compressing fast links
+(the form above, 55-85% there), while the sequential form overestimated slow links (where
+compressing wins anyway) and put every decision boundary right. Sequential is the default;
+pipelined is for codecs on accelerators of their own, small next to the wire. The offline profiler measured a, S_enc,
 S_dec, cr and the quality loss of every profile on this hardware; the online part only
 estimates B per link and corrects the model where reality disagrees: a discounted
 Thompson-sampling bandit over the log-ratio observed/predicted of the few profiles that the
