@@ -248,10 +248,10 @@ def keys_revoke(
         raise typer.Exit(1)
 
 
-def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = None) -> dict[str, dict[str, int]]:
+def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = None) -> dict[str, dict[str, int]] | None:
     """Ask every app's ingress replicas to refuse new requests and finish the ones they
-    accepted; wait up to ``grace_s``. Returns, per app, the replicas' last in-flight counts.
-    Needs a Ray connection."""
+    accepted; wait up to ``grace_s``. Returns, per app, the replicas' last in-flight counts;
+    None if the drain could not be asked for (no Redis). Needs a Ray connection."""
     from ray import serve
 
     from routing import drain
@@ -264,10 +264,10 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
     if not apps:
         return {}
     if not redis_url or not redis_server.ping(redis_url, timeout=2.0):
-        # The drain is a Redis key the replicas watch: without Redis, nothing to wait for.
-        console.print(f"[yellow]Redis {redis_server.redacted(redis_url)} unreachable: "
-                      f"{', '.join(apps)} not drained, in-flight requests may be cut[/]")
-        return {}
+        # The drain is a Redis key the replicas watch: without Redis it cannot be asked for.
+        where = f"Redis {redis_server.redacted(redis_url)} unreachable" if redis_url else "no Redis configured"
+        console.print(f"[yellow]{where}: {', '.join(apps)} not drained, in-flight requests may be cut[/]")
+        return None
     for name in apps:
         drain.request_drain(redis_url, name, grace_s=grace_s, ttl_s=grace_s + 120)
     # The replicas end streams still running at the grace with an error event; a few more
@@ -303,7 +303,8 @@ def drain_command(
         console.print(f"[red]no Ray cluster to drain[/]: {exc}")
         raise typer.Exit(1) from None
     reports = _drain_ingresses(_redis_url(settings), settings.routing.drain_grace_s if grace is None else grace)
-    if any(sum(report.values()) for report in reports.values()):
+    # A preStop hook or `tandem drain && ...` must not carry on as if it had drained.
+    if reports is None or any(sum(report.values()) for report in reports.values()):
         raise typer.Exit(1)
 
 
@@ -314,18 +315,23 @@ def down(
 ) -> None:
     """Drain the ingresses, then stop the Serve app, and the Ray and Redis that `tandem up` started."""
     state = _read_state()
-    settings = load_settings(config)
-    address = state.get("ray_address") or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        settings = load_settings(config)
+    except Exception as exc:  # noqa: BLE001 - the one command that must work in a broken setup
+        console.print(f"[yellow]settings unreadable ({exc}); stopping with the defaults[/]")
+        settings = TandemSettings.model_construct()
+    # What `tandem up` started comes first: it recorded where.
+    address = state.get("ray_address") or settings.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
     if state.get("started_ray") or address != "auto" or local_ray_running():
         try:
             _connect_ray(address)
             from ray import serve
 
             grace_s = settings.routing.drain_grace_s if grace is None else grace
-            redis_url = _redis_url(settings)
+            redis_url = state.get("redis_url") or _redis_url(settings)
             app_name = state.get("app_name")
             whole_cluster = bool(state.get("started_ray") or not app_name)
-            drained = _drain_ingresses(redis_url, grace_s, only=None if whole_cluster else app_name)
+            drained = _drain_ingresses(redis_url, grace_s, only=None if whole_cluster else app_name) or {}
             if whole_cluster:
                 serve.shutdown()
             else:

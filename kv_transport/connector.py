@@ -24,6 +24,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -378,7 +379,7 @@ class _WorkerSide:
         assert self.layout is not None
         layout = self.layout
 
-        def materialize(context: PullContext) -> tuple[TransferHeader, list[memoryview]]:
+        def materialize(context: PullContext) -> tuple[TransferHeader, Iterable[memoryview]]:
             skip_blocks = context.skip_blocks
             if skip_blocks > len(send.block_ids):
                 raise ValueError(f"puller skips {skip_blocks} of {len(send.block_ids)} blocks")
@@ -394,7 +395,9 @@ class _WorkerSide:
                     log.warning("compression with %s failed (%s): sending uncompressed", profile.name, exc)
                 else:
                     # Streamed: each layer goes out as it is encoded (sizes and checksum follow
-                    # in the trailer). The blocks stay held until the send is over.
+                    # in the trailer). The blocks stay held until the send is over. What the
+                    # codec refuses up front is sent uncompressed (above); a layer failing
+                    # to encode later aborts the pull, and decode recomputes the prompt.
                     header = TransferHeader(
                         transfer_id=send.transfer_id, fingerprint=layout.fingerprint, dtype=layout.dtype,
                         block_size=layout.block_size, num_tokens=send.num_tokens, num_blocks=len(block_ids),

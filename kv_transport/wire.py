@@ -22,6 +22,7 @@ allocation.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -98,6 +99,10 @@ class TransferHeader:
     def encode(self) -> bytes:
         fields = asdict(self)
         del fields["measured_wire_s"]
+        if not fields["streamed"]:
+            # A whole frame stays readable by pullers from before streamed frames existed
+            # (a rolling upgrade); a streamed one is refused by them as malformed.
+            del fields["streamed"]
         body = json.dumps(fields, separators=(",", ":")).encode()
         if len(body) > MAX_HEADER_BYTES:
             raise WireFormatError(f"header too large: {len(body)} bytes")
@@ -189,7 +194,9 @@ class StreamTrailer:
             trailer = cls(checksum=raw["checksum"], encode_s=raw.get("encode_s", 0.0))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise WireFormatError(f"malformed trailer: {exc}") from None
-        if not isinstance(trailer.checksum, str) or not isinstance(trailer.encode_s, (int, float)):
+        encode_s = trailer.encode_s
+        if (not isinstance(trailer.checksum, str) or isinstance(encode_s, bool)
+                or not isinstance(encode_s, (int, float)) or not math.isfinite(encode_s)):
             raise WireFormatError("malformed trailer fields")
         trailer.encode_s = max(float(trailer.encode_s), 0.0)
         return trailer

@@ -81,9 +81,13 @@ class TransferObservation:
     wire_s: float
     encode_s: float = 0.0
     decode_s: float = 0.0
-    # The handoff's measured duration; where stages overlap (a streamed transfer) it is less
-    # than their sum. None: the stages ran in sequence.
+    # The handoff's measured duration (every stage, verify and the write into the cache;
+    # for a streamed transfer, less than the sum of its overlapping stages). None: not
+    # reported, the sum of the stages stands in.
     handoff_s: float | None = None
+    # wire_s of a streamed transfer is the time its bytes took to arrive, with no request
+    # round trip in it (see kv_transport.telemetry).
+    streamed: bool = False
 
     @property
     def total_s(self) -> float:
@@ -104,8 +108,15 @@ class BandwidthEstimator:
         self._log_bandwidth: dict[str, float] = {}
         self._latency: dict[str, float] = {}
 
-    def observe(self, link: str, wire_bytes: int, wire_s: float) -> None:
+    def observe(self, link: str, wire_bytes: int, wire_s: float, has_latency: bool = True) -> None:
+        """One transfer's bytes and time on the link; ``has_latency``: the time includes the
+        pull's round trip (a streamed transfer's measured body time does not, so the
+        latency learned from other transfers must not be taken off it)."""
         if wire_s <= 0 or wire_bytes <= 0:
+            return
+        if not has_latency:
+            if wire_bytes >= self.min_bytes:
+                self._add_sample(link, math.log(wire_bytes / wire_s))
             return
         latency = self._latency.get(link)
         if wire_bytes < self.min_bytes:
@@ -113,7 +124,9 @@ class BandwidthEstimator:
             self._latency[link] = wire_s if latency is None else min(wire_s, 0.9 * latency + 0.1 * wire_s)
             return
         beyond = max(wire_s - (latency or 0.0), wire_s * 0.5)
-        sample = math.log(wire_bytes / beyond)
+        self._add_sample(link, math.log(wire_bytes / beyond))
+
+    def _add_sample(self, link: str, sample: float) -> None:
         old = self._log_bandwidth.get(link)
         self._log_bandwidth[link] = sample if old is None else (1 - self.alpha) * old + self.alpha * sample
 
@@ -200,7 +213,8 @@ class CompressionController:
         if observation.profile not in self.profiles:
             return
         # Bandwidth from the bytes that crossed the link, whatever the profile.
-        self.bandwidth.observe(observation.link, observation.wire_bytes, observation.wire_s)
+        self.bandwidth.observe(observation.link, observation.wire_bytes, observation.wire_s,
+                               has_latency=not observation.streamed)
         predicted = self.predict(observation.profile, observation.link, observation.raw_bytes)
         if predicted <= 0 or observation.total_s <= 0:
             return

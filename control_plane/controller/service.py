@@ -46,6 +46,7 @@ def observation_from_fields(fields: dict[bytes | str, bytes | str]) -> TransferO
             encode_s=float(data.get("encode_s", 0.0)),
             decode_s=float(data.get("decode_s", 0.0)),
             handoff_s=float(data["total_s"]) if "total_s" in data else None,
+            streamed=bool(data.get("streamed", False)),
         )
     except (ValueError, KeyError, TypeError):
         return None

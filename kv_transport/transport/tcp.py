@@ -166,14 +166,17 @@ def serve_pull(
     try:
         try:
             header, buffers = publication.materialize(context or PullContext())
+            head = header.encode()
+            if not header.streamed:
+                buffers = [memoryview(b).cast("B") for b in buffers]
         except Exception as exc:  # noqa: BLE001 - report the failure to the puller
             log.exception("tcp transport: preparing %s failed", publication.transfer_id)
             sock.sendall(error_frame(str(exc), "publish_failed"))
             return True
         if header.streamed:
-            _send_stream(sock, header, buffers)
+            _send_stream(sock, head, header, buffers)
         else:
-            _send_buffers(sock, [header.encode(), *buffers])
+            _send_buffers(sock, [head, *buffers])
         outcome = PULLED
         return True
     except _StreamAborted:
@@ -186,25 +189,30 @@ class _StreamAborted(Exception):
     pass
 
 
-def _send_stream(sock: socket.socket, header: TransferHeader, buffers: Iterable[memoryview]) -> None:
+def _send_stream(sock: socket.socket, head: bytes, header: TransferHeader, buffers: Iterable[memoryview]) -> None:
     """A streamed frame: the header, then each buffer as soon as it is made (the next layer
     is encoded while this one drains from the socket buffer), then the trailer."""
-    _send_buffers(sock, [header.encode()])
-    digest, encode_s, made = xxhash.xxh64(), 0.0, 0
+    _send_buffers(sock, [head])
+    digest, encode_s = xxhash.xxh64(), 0.0
+    made = timed(buffers)
     try:
-        for buffer, seconds in timed(buffers):
+        # Exactly the announced count: the puller reads the trailer after the last one.
+        for index in range(len(header.buffers)):
+            try:
+                buffer, seconds = next(made)
+            except StopIteration:
+                raise ValueError(f"made {index} buffers, the header announced {len(header.buffers)}") from None
             encode_s += seconds
             digest.update(buffer)
             _send_buffers(sock, [CHUNK_PREFIX.pack(len(buffer)), buffer])
-            made += 1
-        if made != len(header.buffers):
-            raise ValueError(f"made {made} buffers, the header announced {len(header.buffers)}")
     except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - the header is out: abort in-band
         log.exception("tcp transport: encoding %s failed mid-stream", header.transfer_id)
         sock.sendall(CHUNK_PREFIX.pack(ABORT_CHUNK) + error_frame(str(exc), "publish_failed"))
         raise _StreamAborted from exc
+    finally:
+        made.close()
     _send_buffers(sock, [StreamTrailer(digest.hexdigest(), encode_s).encode()])
 
 
@@ -232,6 +240,7 @@ def _receive_stream(
         _recv_exact(sock, buffer, limiter)
         wire_s += time.perf_counter() - started
         views.append(buffer)
+        header.buffers[index].nbytes = size  # known now; the trailer confirms all of them
         if landed is not None:
             landed(header, index, buffer)
     length = StreamTrailer.parse_prefix(recv_bytes(sock, _SMALL.size))

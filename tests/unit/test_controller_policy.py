@@ -108,3 +108,14 @@ def test_an_overlapped_handoff_is_judged_by_its_measured_duration():
     assert streamed.total_s == 0.25
     serial = TransferObservation("l", "p", 100 * MB, 25 * MB, wire_s=0.2, encode_s=0.2, decode_s=0.01)
     assert math.isclose(serial.total_s, 0.41)
+
+
+def test_a_streamed_sample_is_not_shortened_by_the_learned_latency():
+    """A streamed transfer's wire time is its bytes' arrival, without the pull's round
+    trip: taking the latency learned from other pulls off it would double the bandwidth."""
+    estimator = BandwidthEstimator()
+    for _ in range(20):
+        estimator.observe("l", 64 << 10, 0.005)  # small pulls: 5 ms of round trip
+    for _ in range(20):
+        estimator.observe("l", 1 * MB, 1 * MB / (1 * GBPS), has_latency=False)  # 8 ms of body
+    assert abs(estimator.bandwidth("l") / (1 * GBPS) - 1) < 0.05

@@ -362,6 +362,44 @@ def test_a_publisher_failing_mid_stream_tells_the_puller():
         client.close()
 
 
+def test_a_stream_ends_after_the_announced_layers_and_reports_sizes_as_they_land():
+    """The sender takes exactly the announced layers (a generator failing after its last
+    layer does not turn into an abort where the trailer belongs), and `landed` sees each
+    layer's size filled in."""
+    server, client = TcpTransport(), TcpTransport()
+    try:
+        def two_then_fail():
+            yield memoryview(b"layer zero")
+            yield memoryview(b"layer one!!")
+            raise RuntimeError("never asked for")
+
+        server.publish(Publication("exact", lambda _ctx: (_streamed_header([100, 100], "exact"), two_then_fail()),
+                                   lambda t, o: None))
+        sizes: list[tuple[int, int]] = []
+        header, received = client.fetch(
+            server.address, "exact", landed=lambda h, i, view: sizes.append((h.buffers[i].nbytes, len(view)))
+        )
+        assert sizes == [(10, 10), (11, 11)]
+        verify(header, received)
+    finally:
+        server.close()
+        client.close()
+
+
+def test_a_header_that_cannot_be_sent_is_reported_to_the_puller():
+    server, client = TcpTransport(), TcpTransport()
+    try:
+        huge = _header([b"kv"], "huge")
+        huge.buffers = [BufferInfo(f"model.layers.{i}.self_attn.attn", 0, 0, [1]) for i in range(40_000)]
+        server.publish(Publication("huge", lambda _ctx: (huge, []), lambda t, o: None))
+        with pytest.raises(TransferError, match="header too large") as err:
+            client.fetch(server.address, "huge")
+        assert err.value.code == "publish_failed"
+    finally:
+        server.close()
+        client.close()
+
+
 @pytest.mark.parametrize(
     "after_header",
     [
@@ -396,6 +434,19 @@ def test_a_trailer_with_the_wrong_checksum_fails_verification():
     header.complete_stream([3, 3], StreamTrailer.decode(StreamTrailer(checksum([b"abc", b"abd"]), 0.01).encode()[8:]))
     with pytest.raises(ChecksumMismatch):
         verify(header, [b"abc", b"abc"])
+
+
+@pytest.mark.parametrize("encode_s", ["NaN", "Infinity", "true", '"fast"'])
+def test_a_trailer_with_a_non_finite_or_foreign_encode_time_is_refused(encode_s):
+    body = ('{"checksum": "00", "encode_s": ' + encode_s + "}").encode()
+    with pytest.raises(WireFormatError):
+        StreamTrailer.decode(body)
+
+
+def test_a_whole_frame_stays_readable_by_pullers_that_predate_streaming():
+    frame = _header([b"abc"]).encode()
+    assert b"streamed" not in frame  # an older TransferHeader has no such field
+    assert b'"streamed":true' in _streamed_header([10], "s").encode()
 
 
 def test_the_receive_side_measurement_never_comes_from_the_wire():
