@@ -64,15 +64,19 @@ class CollectiveTransport(TcpTransport):
         self._groups: dict[str, Any] = {}  # group id -> process group (both sides)
         self._links: dict[tuple[str, int], tuple[str, threading.Lock]] = {}  # puller side
         self._stores: list[Any] = []  # stores this side hosts, kept alive with their groups
+        # Rendezvous threads of this side's joins: a failed join leaves one waiting until its
+        # store times out, and close() waits for them rather than leave C++ threads running
+        # into interpreter exit (which aborts the process).
+        self._joiners: list[threading.Thread] = []
         self._server.ops["collective_pull"] = self._serve_pull
         self._server.link_ops["collective_join"] = self._serve_join
 
-    def _make_group(self, group_id: str, store: Any, rank: int) -> Any:
+    def _make_group(self, group_id: str, store: Any, rank: int, timeout: datetime.timedelta | None = None) -> Any:
         prefixed = dist.PrefixStore(group_id, store)
         if self.backend == "nccl":
             group = dist.ProcessGroupNCCL(prefixed, rank, 2)
         else:
-            group = dist.ProcessGroupGloo(prefixed, rank, 2, self._timeout)
+            group = dist.ProcessGroupGloo(prefixed, rank, 2, timeout or self._timeout)
         with self._lock:
             self._groups[group_id] = group
         return group
@@ -117,17 +121,22 @@ class CollectiveTransport(TcpTransport):
             if peer in self._links:
                 return self._links[peer]
         group_id = uuid.uuid4().hex
-        store = dist.TCPStore(self.host, 0, 2, True, timeout=self._timeout, wait_for_workers=False)
+        # The rendezvous waits no longer than the pull would: a publisher that never joins
+        # (gone, or not a collective peer) frees the waiting thread when the pull gives up.
+        join_timeout = datetime.timedelta(seconds=min(timeout_s, self._timeout.total_seconds()))
+        store = dist.TCPStore(self.host, 0, 2, True, timeout=join_timeout, wait_for_workers=False)
         joined: dict[str, Any] = {}
 
         def join() -> None:
             try:
-                joined["group"] = self._make_group(group_id, store, _PULLER)
+                joined["group"] = self._make_group(group_id, store, _PULLER, join_timeout)
             except Exception as exc:  # noqa: BLE001 - reported below
                 joined["error"] = exc
 
         joiner = threading.Thread(target=join, daemon=True)
         joiner.start()
+        with self._lock:
+            self._joiners = [t for t in self._joiners if t.is_alive()] + [joiner]
 
         self.request(address, {"op": "collective_join", "group": group_id, "store": [self.host, store.port]},
                      read_small_frame, timeout_s)
@@ -184,6 +193,17 @@ class CollectiveTransport(TcpTransport):
             except RuntimeError as exc:  # the process group broke: re-join next time
                 self._forget(address, group_id)
                 raise TransferError(f"{self.name} transfer {transfer_id} failed: {exc}", code=self.name) from exc
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            joiners, self._joiners = self._joiners, []
+        for joiner in joiners:
+            joiner.join(self._timeout.total_seconds())
+        with self._lock:  # the groups go now, in this thread, not during interpreter exit
+            self._groups.clear()
+            self._links.clear()
+            self._stores.clear()
 
     def _forget(self, address: dict[str, Any], group_id: str) -> None:
         with self._lock:
