@@ -55,14 +55,15 @@ def observation_from_fields(fields: dict[bytes | str, bytes | str]) -> TransferO
 class ControllerLoop:
     """The controller's work, separate from Serve so tests can drive it directly."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], seed: int | None = None):
         self.settings = settings_from_dict(settings)
         compression = self.settings.kv_connector.compression
         classes = {name: SLOClass(name, loss) for name, loss in compression.slo_classes.items()}
         library = load_library(self.settings)
         self.costs = costs_from_library(library)
         self.specs = specs_from_library(library)
-        self.policy = CompressionController(self.costs, classes, pipelined=compression.pipelined)
+        # ``seed``: the bandit's exploration draws, for a reproducible run.
+        self.policy = CompressionController(self.costs, classes, pipelined=compression.pipelined, seed=seed)
         # link -> EWMA of raw bytes per transfer (the size decisions are made for)
         self.typical_bytes: dict[str, float] = {}
         self.decisions: dict[str, dict[str, Any]] = {}
