@@ -199,9 +199,10 @@ def _send_stream(sock: socket.socket, head: bytes, header: TransferHeader, buffe
         # Exactly the announced count: the puller reads the trailer after the last one.
         for index in range(len(header.buffers)):
             try:
-                buffer, seconds = next(made)
+                made_buffer, seconds = next(made)
             except StopIteration:
                 raise ValueError(f"made {index} buffers, the header announced {len(header.buffers)}") from None
+            buffer = memoryview(made_buffer).cast("B")  # sizes on the wire are in bytes
             encode_s += seconds
             digest.update(buffer)
             _send_buffers(sock, [CHUNK_PREFIX.pack(len(buffer)), buffer])
