@@ -16,8 +16,10 @@ same cores: max(encode, wire, decode) predicted the handoff within a few percent
 links but half of it at 5 Gbps and up, steering the controller into compressing fast links
 (the form above, 55-85% there), while the sequential form overestimated slow links (where
 compressing wins anyway) and put every decision boundary right. Sequential is the default;
-pipelined is for codecs on accelerators of their own, small next to the wire. The offline profiler measured a, S_enc,
-S_dec, cr and the quality loss of every profile on this hardware; the online part only
+pipelined is for codecs on accelerators of their own, small next to the wire.
+
+The offline profiler measured a, S_enc, S_dec, cr and the quality loss of every profile on
+this hardware; the online part only
 estimates B per link and corrects the model where reality disagrees: a discounted
 Thompson-sampling bandit over the log-ratio observed/predicted of the few profiles that the
 model ranks best, so a profile whose real cost drifts is dropped within a few transfers.
