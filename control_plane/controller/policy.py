@@ -19,10 +19,10 @@ compressing wins anyway) and put every decision boundary right. Sequential is th
 pipelined is for codecs on accelerators of their own, small next to the wire.
 
 The offline profiler measured a, S_enc, S_dec, cr and the quality loss of every profile on
-this hardware; the online part only
-estimates B per link and corrects the model where reality disagrees: a discounted
-Thompson-sampling bandit over the log-ratio observed/predicted of the few profiles that the
-model ranks best, so a profile whose real cost drifts is dropped within a few transfers.
+this hardware; the online part only estimates B per link and corrects the model where
+reality disagrees: a discounted Thompson-sampling bandit over the log-ratio
+observed/predicted of the few profiles that the model ranks best, so a profile whose real
+cost drifts is dropped within a few transfers.
 """
 
 from __future__ import annotations
