@@ -111,14 +111,7 @@ class TransferHeader:
     @classmethod
     def parse_prefix(cls, prefix: bytes) -> int:
         """Validate the fixed prefix; return the header's length."""
-        if len(prefix) != PREFIX_SIZE:
-            raise WireFormatError("truncated frame prefix")
-        magic, header_len = _PREFIX.unpack(prefix)
-        if magic != MAGIC:
-            raise WireFormatError(f"bad magic {magic!r}: not a Tandem KV frame")
-        if not 0 < header_len <= MAX_HEADER_BYTES:
-            raise WireFormatError(f"header length {header_len} out of bounds")
-        return header_len
+        return _body_length(prefix, MAGIC, MAX_HEADER_BYTES, "header")
 
     @classmethod
     def decode(cls, body: bytes) -> TransferHeader:
@@ -180,12 +173,7 @@ class StreamTrailer:
 
     @classmethod
     def parse_prefix(cls, prefix: bytes) -> int:
-        magic, length = _PREFIX.unpack(prefix)
-        if magic != TRAILER_MAGIC:
-            raise WireFormatError(f"bad trailer magic {magic!r}")
-        if not 0 < length <= _MAX_TRAILER_BYTES:
-            raise WireFormatError(f"trailer length {length} out of bounds")
-        return length
+        return _body_length(prefix, TRAILER_MAGIC, _MAX_TRAILER_BYTES, "trailer")
 
     @classmethod
     def decode(cls, body: bytes) -> StreamTrailer:
@@ -200,6 +188,18 @@ class StreamTrailer:
             raise WireFormatError("malformed trailer fields")
         trailer.encode_s = max(float(trailer.encode_s), 0.0)
         return trailer
+
+
+def _body_length(prefix: bytes, magic: bytes, limit: int, what: str) -> int:
+    """The length a ``magic | len(u32)`` prefix announces, checked against ``limit``."""
+    if len(prefix) != PREFIX_SIZE:
+        raise WireFormatError(f"truncated {what} prefix")
+    found, length = _PREFIX.unpack(prefix)
+    if found != magic:
+        raise WireFormatError(f"bad {what} magic {found!r}: not a Tandem KV frame")
+    if not 0 < length <= limit:
+        raise WireFormatError(f"{what} length {length} out of bounds")
+    return length
 
 
 def checksum(buffers: Iterable[memoryview | bytes | bytearray]) -> str:
