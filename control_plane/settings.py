@@ -236,6 +236,9 @@ class AdmissionSettings(_Strict):
     # Larger bodies get 413 before they are parsed.
     max_body_bytes: int = Field(8 << 20, ge=1024)
     max_messages: int = Field(512, ge=1)
+    # Prompts in one batched /v1/completions body; disaggregated, each is its own prefill
+    # and decode.
+    max_prompts: int = Field(64, ge=1)
     max_n: int = Field(16, ge=1)
 
 

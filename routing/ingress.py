@@ -26,7 +26,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from control_plane.settings import TandemSettings, settings_from_dict
 from routing import admission, auth, drain, metrics, serve_router
 from routing.errors import OpenAIError, error_body, from_engine_error
-from routing.orchestrator import PrefillOutcome, decode_body, run_prefill_watched
+from routing.orchestrator import (
+    PrefillOutcome,
+    batch_prompts,
+    decode_body,
+    run_batch,
+    run_prefill_watched,
+    split_batch,
+)
 from routing.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -360,6 +367,9 @@ class Ingress:
         messages = getattr(body, "messages", None)
         if messages is not None and len(messages) > limits.max_messages:
             raise OpenAIError(400, f"Too many messages: {len(messages)} > {limits.max_messages}.", param="messages")
+        prompt = getattr(body, "prompt", None)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > limits.max_prompts:
+            raise OpenAIError(400, f"Too many prompts: {len(prompt)} > {limits.max_prompts}.", param="prompt")
         if (body.n or 1) > limits.max_n:
             raise OpenAIError(400, f"n is too large: {body.n} > {limits.max_n}.", param="n")
         if self.mode == "disaggregated" and ((body.n or 1) > 1 or (getattr(body, "best_of", None) or 1) > 1):
@@ -476,6 +486,19 @@ class Ingress:
         if self.mode == "colocated":
             assert self.colocated is not None
             return self.colocated.stream(endpoint, body)
+        prompts = batch_prompts(endpoint, body)
+        if prompts is not None:
+            # One prefill and one decode per prompt: a prefill answers with the KV of its
+            # first prompt only.
+            return run_batch(
+                [self._start_one(endpoint, one, slo_class, kv_profile) for one in split_batch(body, prompts)],
+                n=int(body.get("n") or 1),
+            )
+        return await self._start_one(endpoint, body, slo_class, kv_profile)
+
+    async def _start_one(
+        self, endpoint: str, body: dict[str, Any], slo_class: str, kv_profile: str | None = None
+    ) -> AsyncIterator[WorkerReply]:
         assert self.prefill is not None and self.decode is not None
         prefill_started = time.monotonic()
         # An empty prefill pool means replicas died, never "scaled to zero" (settings require

@@ -6,6 +6,7 @@ profile; the controller view."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import httpx
@@ -68,17 +69,18 @@ def test_transfers_are_compressed_and_answers_stay_greedy_identical(cluster, ref
                if s.labels.get("codec") == NIXL_PROFILE and s.labels.get("stage") == "wire")
     assert raw > 1.3 * wire > 0  # all of the app's transfers, short prompts (mostly raw window) too
 
-    # The telemetry splits a pull into parts that add up to no more than the whole: the
-    # publisher's encode happens inside the fetch, so wire_s must not count it again (the
-    # controller's bandwidth estimate reads wire_s).
+    # The telemetry is consistent: every stage was measured, and none is longer than the
+    # whole handoff. Stages overlap by design (a streamed transfer's layers are decoded while
+    # later ones are encoded and on the wire), so they need not add up to total_s.
     from control_plane.redis_server import embedded_url
     from kv_transport.telemetry import read_stream
 
     records = [r for r in read_stream(embedded_url(), count=500) if r["codec"] == NIXL_PROFILE and r["ok"]]
     assert records
     for record in records:
-        assert record["encode_s"] > 0, record
-        assert record["encode_s"] + record["wire_s"] + record["decode_s"] <= record["total_s"] + 1e-6, record
+        assert record["encode_s"] > 0 and record["wire_s"] >= 0 and record["decode_s"] >= 0, record
+        for stage in ("encode_s", "wire_s", "decode_s"):
+            assert math.isfinite(record[stage]) and record[stage] <= record["total_s"], (stage, record)
 
 
 def test_compression_endpoint_reports_the_mode(cluster):

@@ -75,3 +75,42 @@ def test_reference_app_is_colocated(cluster):
     # Guards the comparison itself: the reference must not go through a KV connector.
     stats = cluster.worker_stats("ColocatedWorker", app_name=REFERENCE_APP)
     assert stats["external_kv_hits"] == 0
+
+
+# Prompts of the same shape (the reproduction of the batched-prompt bug: each decode landed
+# the first prompt's KV, whose sizes, checksum and fingerprint all matched).
+# Each variant has prompts of its own: a prompt the decode worker has cached is not pulled.
+def _batch(variant: str) -> list[str]:
+    return [f"My favourite {variant} thing in the whole world is the {thing}. What is my favourite thing? "
+            "The answer is:" for thing in ("stone", "apple", "river", "cloud", "piano", "tiger")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_batched_prompts_each_get_their_own_prefill(cluster, openai_client, reference_client, stream):
+    kwargs = dict(model=MODEL, temperature=0, max_tokens=8)
+    BATCH = _batch("streamed" if stream else "whole")
+    before = cluster.worker_stats("DecodeWorker")
+    if stream:
+        texts = [""] * len(BATCH)
+        usage = None
+        for chunk in openai_client.completions.create(prompt=BATCH, stream=True,
+                                                      stream_options={"include_usage": True}, **kwargs):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+            usage = chunk.usage or usage
+    else:
+        batch = openai_client.completions.create(prompt=BATCH, **kwargs)
+        assert [c.index for c in batch.choices] == list(range(len(BATCH)))
+        texts, usage = [c.text for c in batch.choices], batch.usage
+    after = cluster.worker_stats("DecodeWorker")
+
+    one_by_one = [openai_client.completions.create(prompt=p, **kwargs) for p in BATCH]
+    assert texts == [r.choices[0].text for r in one_by_one]
+    assert usage.prompt_tokens == sum(r.usage.prompt_tokens for r in one_by_one)
+    assert usage.completion_tokens == sum(r.usage.completion_tokens for r in one_by_one)
+    colocated = reference_client.completions.create(prompt=BATCH, **kwargs)
+    assert texts == [c.text for c in colocated.choices]
+    # Every prompt's own transfer was pulled and landed: none failed, none is left pinned.
+    assert after["kv_transfers"] == before["kv_transfers"] + len(BATCH)
+    assert after["kv_transfer_failures"] == before["kv_transfer_failures"]
+    assert after["external_kv_hits"] - before["external_kv_hits"] == usage.prompt_tokens
