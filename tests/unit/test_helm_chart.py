@@ -97,6 +97,7 @@ REDIS_OWN_SECRET = {
     "networkPolicy": {
         "serve": {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]},
         "dashboard": {"enabled": True, "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+        "kubeRayOperator": {"namespace": "ray-system", "from": [{"ipBlock": {"cidr": "172.20.0.1/32"}}]},
         "metrics": {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
         "redis": {"from": [{"podSelector": {"matchLabels": {"app": "redis-exporter"}}}]},
     },
@@ -553,7 +554,7 @@ def test_network_policies(variant):
     assert rayservice["spec"]["serveService"]["spec"]["ports"][0]["targetPort"] == serve_port
     assert (np["serve"]["from"] or None) in opened[serve_port]
     dashboard = opened.pop(8265)
-    assert np["kubeRayOperator"]["from"] in dashboard
+    assert operator_peers(np["kubeRayOperator"]) in dashboard
     assert len(dashboard) == 1 + bool(np["dashboard"]["enabled"])
     if np["dashboard"]["enabled"]:
         assert (np["dashboard"]["from"] or None) in dashboard
@@ -571,6 +572,36 @@ def test_network_policies(variant):
         (rule,) = redis["ingress"]
         assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
         assert release_peer(rule["from"][0]) and rule["from"][1:] == np["redis"]["from"]
+
+
+def operator_peers(operator: dict[str, Any]) -> list[dict[str, Any]]:
+    """The peers the dashboard port admits for the KubeRay operator: its pods by label AND in
+    its namespace (one peer), then the extra ones."""
+    pinned = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator["namespace"]}},
+              "podSelector": {"matchLabels": operator["podLabels"]}}
+    return ([pinned] if operator["namespace"] else []) + operator["from"]
+
+
+def dashboard_peers(values: dict[str, Any] | None, chart) -> list[list[dict[str, Any]] | None]:
+    ray = one(objects(render(chart, values)), "NetworkPolicy", f"{FULLNAME}-ray")["spec"]
+    return [rule.get("from") for rule in ray["ingress"] if {"protocol": "TCP", "port": 8265} in rule.get("ports", [])]
+
+
+def test_only_the_operator_in_its_namespace_reaches_the_dashboard(chart):
+    """A pod labelled like the KubeRay operator in another namespace is not the operator:
+    the label and the operator's namespace are one peer (both must match)."""
+    (default,) = dashboard_peers(None, chart)
+    assert default == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    ((peer,),) = dashboard_peers({"networkPolicy": {"kubeRayOperator": {"namespace": "ray-ops"}}}, chart)
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "ray-ops"}}
+    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    # Neither an empty namespace selector (every namespace) nor a peer without one.
+    assert all(p.get("namespaceSelector", {}).get("matchLabels") for p in default)
+    # No namespace and no extra peers: no operator rule at all (dashboard.from must admit it).
+    assert dashboard_peers({"networkPolicy": {"kubeRayOperator": {"namespace": ""}}}, chart) == []
+    proxy = [{"ipBlock": {"cidr": "172.20.0.1/32"}}]
+    assert dashboard_peers({"networkPolicy": {"kubeRayOperator": {"namespace": "", "from": proxy}}}, chart) == [proxy]
 
 
 def test_ingress_targets_the_openai_service(variant):
@@ -733,13 +764,15 @@ def test_schema_is_generated_from_the_settings_model():
         ({"redis": {"internal": {"auth": {"existingSecretKey": ""}}}}, "at '/redis/internal/auth/existingSecretKey'"),
         ({"networkPolicy": {"serve": {"from": [{"podSelectr": {}}]}}}, "additional properties 'podSelectr' not allowed"),
         ({"networkPolicy": {"dashboard": {"from": {"ipBlock": {"cidr": "10.0.0.0/8"}}}}}, "at '/networkPolicy/dashboard/from'"),
+        ({"networkPolicy": {"kubeRayOperator": {"namespace": "Ray System"}}}, "at '/networkPolicy/kubeRayOperator/namespace'"),
+        ({"networkPolicy": {"kubeRayOperator": {"podLabels": {"tier": 5}}}}, "at '/networkPolicy/kubeRayOperator/podLabels/tier'"),
     ],
     ids=[
         "negative-replicas", "unknown-transport", "misspelt-section", "unknown-router",
         "unquoted-off", "chart-owned-field", "negative-gpus", "zero-engines-per-pod",
         "bad-quantity", "unknown-redis-mode", "non-redis-url", "address-not-host-port",
         "empty-image", "misspelt-top-level", "empty-redis-secret-key", "misspelt-peer",
-        "peers-not-a-list",
+        "peers-not-a-list", "operator-namespace-not-a-name", "operator-label-not-a-string",
     ],
 )
 def test_schema_rejects_bad_values(chart, values, message):
