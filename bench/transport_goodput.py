@@ -27,7 +27,7 @@ console = Console()
 
 def _tune(sock: socket.socket) -> None:
     # The ceiling gets the same socket tuning as the tcp transport.
-    from kv_transport.transport.tcp import _tune as tune
+    from kv_transport.transport.channel import tune
 
     tune(sock)
 
@@ -99,6 +99,8 @@ def _measure(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]
                 timings[size].pop(0)
             sock.close()
             return timings
+        from kv_transport.transport.control import FetchRequest
+
         client = _transport(kind)
         for size in sizes:
             # Like the ceiling, pull into a buffer allocated once (as the connector pulls
@@ -109,7 +111,7 @@ def _measure(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]
                 parent.send((transfer_id, size))
                 parent.recv()
                 started = time.perf_counter()
-                header, _ = client.fetch(address, transfer_id, into=lambda h, d=destination: d)
+                header, _ = client.fetch(address, FetchRequest(transfer_id), into=lambda h, d=destination: d)
                 timings[size].append(time.perf_counter() - started)
                 assert header.payload_nbytes == size
             timings[size].pop(0)

@@ -7,6 +7,7 @@ so every way of starting Tandem runs the same app.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from ray.serve import Application
@@ -52,9 +53,21 @@ def router_config(settings: TandemSettings, role: Role) -> RequestRouterConfig:
     )
 
 
+def with_kv_secret(settings: TandemSettings, secret: str | None = None) -> TandemSettings:
+    """Settings whose KV connector has a cluster secret: the configured one, else ``secret``,
+    else a fresh one. Tandem's KV port is never left unauthenticated."""
+    connector = settings.kv_connector
+    if connector.auth_secret or settings.mode != "disaggregated" or connector.name != "TandemConnector":
+        return settings
+    connector = connector.model_copy(update={"auth_secret": secret or secrets.token_urlsafe(32)})
+    return settings.model_copy(update={"kv_connector": connector})
+
+
 def build_app_from_settings(settings: TandemSettings) -> Application:
     if settings.redis_url is None:
         settings = settings.model_copy(update={"redis_url": embedded_url()})
+    # Every worker of this app gets the same secret with its settings.
+    settings = with_kv_secret(settings)
     data = settings.model_dump(mode="json")
 
     def pool(role: Role) -> Application:

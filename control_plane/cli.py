@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -144,6 +145,9 @@ def up(
         console.print("[bold]ray[/]: local cluster")
     state["ray_address"] = address
     _state_path().write_text(json.dumps(state))
+    from control_plane.app import with_kv_secret
+
+    settings = with_kv_secret(settings, _cluster_kv_secret())
     _connect_ray(address)
 
     from ray import serve
@@ -174,6 +178,24 @@ def up(
         soft_wrap=True,
         highlight=False,
     )
+
+
+KV_SECRET_FILE = "kv-secret"
+
+
+def _cluster_kv_secret() -> str:
+    """This machine's KV secret for clusters `tandem up` starts: made once, kept (0600) in
+    the run directory, so a redeploy does not change it under running workers."""
+    path = run_dir() / KV_SECRET_FILE
+    if path.exists():
+        secret = path.read_text().strip()
+        if len(secret) >= 16:
+            return secret
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret)
+    return secret
 
 
 def _refuse_open_exposure(settings: TandemSettings) -> None:

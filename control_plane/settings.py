@@ -160,10 +160,18 @@ class ConnectorSettings(_Strict):
     extra_config: dict[str, Any] = Field(default_factory=dict)
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
     # Tandem's connector: a secret shared by the cluster's workers; every KV request (pull,
-    # release, describe, join) then carries an HMAC of what it asks for and unauthenticated
-    # ones are refused. None: off (the embedded default on loopback); set it (e.g. from a
-    # Kubernetes Secret via TANDEM_KV_CONNECTOR__AUTH_SECRET) whenever workers are reachable.
-    auth_secret: str | None = Field(None, repr=False)
+    # release, describe, join) carries an HMAC of all it asks for, with a nonce and a time,
+    # and every reply an HMAC bound to its request; unauthenticated ones are refused. None:
+    # `tandem up` generates one per cluster (kept in its run directory) and the app builder
+    # one per deploy; the Helm chart keeps one in a Secret. Set it (e.g. from a Kubernetes
+    # Secret via TANDEM_KV_CONNECTOR__AUTH_SECRET) to share it with workers started elsewhere.
+    auth_secret: str | None = Field(None, repr=False, min_length=16)
+    # Where each worker's KV listener binds and what it advertises: "auto" is loopback while
+    # the Ray cluster has a single node and the node's address once it has more; "node" and
+    # "loopback" force one.
+    listen: Literal["auto", "node", "loopback"] = "auto"
+    # Connections one KV listener serves at once (a thread each); more are refused at accept.
+    max_connections: int = Field(128, ge=1)
 
 
 class RoutingSettings(_Strict):

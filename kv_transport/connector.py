@@ -21,6 +21,7 @@ Protocol (pull):
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -41,6 +42,7 @@ from vllm.logger import init_logger
 
 from kv_transport.codecs import CodecError
 from kv_transport.compression import IDENTITY, CodecChooser, decode_layer_into_blocks, encode_blocks
+from kv_transport.contract import AUTH_SECRET_ENV, KV_PROFILE_PARAM, PARAMS_KEY, SLO_CLASS_PARAM
 from kv_transport.layout import KVLayout, bytes_view
 from kv_transport.telemetry import TransferRecord, make_sinks
 from kv_transport.transport.base import (
@@ -51,6 +53,8 @@ from kv_transport.transport.base import (
     TransferError,
     Transport,
 )
+from kv_transport.transport.channel import ChannelLimits
+from kv_transport.transport.control import FetchRequest
 from kv_transport.wire import (
     BufferInfo,
     TransferHeader,
@@ -70,11 +74,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = init_logger("vllm.tandem.kv")
-
-PARAMS_KEY = "tandem"
-# Set by the ingress on the prefill request (routing.orchestrator.SLO_CLASS_PARAM).
-SLO_CLASS_PARAM = "tandem_slo_class"
-KV_PROFILE_PARAM = "tandem_kv_profile"
 
 
 @dataclass
@@ -109,8 +108,12 @@ class ConnectorConfig:
     advertise_host: str | None = None  # address peers dial (default: host)
     port: int = 0
     ttl_s: float = 60.0  # an unpulled transfer is dropped (and its blocks freed) after this
+    # A whole pull's deadline once the publication is there (not per read).
     pull_timeout_s: float = 30.0
     wait_for_publication_s: float = 10.0
+    release_timeout_s: float = 2.0
+    # Concurrent connections this worker's KV listener serves; more are refused at accept.
+    max_connections: int = 128
     rate_limit_bytes_per_s: float | None = None  # emulate a slower link (tests, benchmarks)
     pull_threads: int = 4
     telemetry_sinks: list[str] = field(default_factory=lambda: ["redis"])
@@ -121,7 +124,9 @@ class ConnectorConfig:
     default_slo_class: str = "standard"
     decision_cache_s: float = 2.0
     app_name: str = "tandem"
-    # Shared by the cluster's workers: every KV request is HMAC-authenticated with it.
+    # Shared by the cluster's workers: every KV request and reply is HMAC-authenticated with
+    # it. Unset here, it is read from the environment (AUTH_SECRET_ENV), where the worker
+    # host puts it so that it never shows in vLLM's logged config.
     auth_secret: str | None = None
 
     @classmethod
@@ -337,6 +342,7 @@ class _WorkerSide:
         # One token bucket per link (source worker), as a real network path would have.
         self._limiters: dict[str, RateLimiter] = {}
         self._pool = ThreadPoolExecutor(self.cfg.pull_threads, thread_name_prefix="tandem-kv-pull")
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-release")
         # Decodes compressed layers while the pulls receive the next ones.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-decode")
         self._lock = threading.Lock()
@@ -365,11 +371,12 @@ class _WorkerSide:
         for request_id, recv in meta.recvs.items():
             self._pool.submit(self._pull, request_id, recv)
         for transfer in meta.releases:
-            self._pool.submit(self._release, transfer)
+            # Not on the pull threads: a slow or unreachable publisher must not hold up pulls.
+            self._releaser.submit(self._release, transfer)
 
     def _release(self, transfer: dict[str, Any]) -> None:
         try:
-            self.transport.release(transfer["address"], transfer["transfer_id"])
+            self.transport.release(transfer["address"], str(transfer["transfer_id"]), timeout_s=self.cfg.release_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the publisher's TTL frees it anyway
             log.info("releasing KV transfer %s failed (%r); its TTL will free it", transfer.get("transfer_id"), exc)
 
@@ -490,11 +497,13 @@ class _WorkerSide:
 
         def straight_into_blocks(header: TransferHeader) -> list[memoryview] | None:
             nonlocal landed_in_blocks
+            expect(header)  # before anything is allocated for it
             # The common case (no local prefix hit, identity codec, CPU cache): receive
             # straight into the allocated blocks. They are invisible to the engine until
             # this pull reports success, so a payload that fails verification is harmless.
             if (
                 layout.device.type == "cpu"
+                and not header.streamed
                 and header.first_block == recv.first_block
                 and header.num_blocks == len(recv.block_ids)
                 and header.fingerprint == layout.fingerprint
@@ -522,6 +531,18 @@ class _WorkerSide:
                 )
             return start
 
+        def expect(header: TransferHeader) -> None:
+            """Refuse a header this pull did not ask for, or whose sizes exceed what the
+            blocks it names can hold: a hostile size must never be allocated."""
+            wanted_start(header)
+            published = int(transfer.get("num_blocks") or 0)
+            if header.first_block + header.num_blocks > published:
+                raise WireFormatError(f"{header.num_blocks} blocks from {header.first_block}: {published} were published")
+            if header.raw_nbytes > header.num_blocks * layout.block_nbytes:
+                raise WireFormatError(f"{header.raw_nbytes} raw bytes for {header.num_blocks} blocks")
+            if header.codec.id == IDENTITY and not header.streamed and header.payload_nbytes != header.raw_nbytes:
+                raise WireFormatError("an uncompressed payload must be its raw size")
+
         # Compressed layers are decoded as they land, on the decode thread, while the rest of
         # the payload is still on the wire. Like a straight receive, they write blocks the
         # engine cannot see until this pull reports success.
@@ -536,11 +557,13 @@ class _WorkerSide:
 
         try:
             fetch_started = time.perf_counter()
+            request = FetchRequest(
+                str(transfer["transfer_id"]), timeout_s=self.cfg.pull_timeout_s,
+                wait_s=self.cfg.wait_for_publication_s, skip_blocks=recv.first_block, puller=self.local_address,
+            )
             header, received = self.transport.fetch(
-                transfer["address"], transfer["transfer_id"],
-                timeout_s=self.cfg.pull_timeout_s, wait_s=self.cfg.wait_for_publication_s,
-                limiter=self._limiter(record.link), into=straight_into_blocks, skip_blocks=recv.first_block,
-                puller=self.local_address, landed=decode_as_it_lands,
+                transfer["address"], request,
+                limiter=self._limiter(record.link), into=straight_into_blocks, landed=decode_as_it_lands,
             )
             fetch_s = time.perf_counter() - fetch_started
             record.wire_bytes = header.payload_nbytes
@@ -601,6 +624,7 @@ class _WorkerSide:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._releaser.shutdown(wait=False, cancel_futures=True)
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self.codecs.close()
         self.transport.close()
@@ -609,23 +633,27 @@ class _WorkerSide:
 
 
 def _make_transport(cfg: ConnectorConfig) -> Transport:
-    transport = _new_transport(cfg)
-    if cfg.auth_secret:
-        transport.set_secret(cfg.auth_secret.encode())  # type: ignore[attr-defined]
+    transport = _new_transport(cfg, ChannelLimits(max_connections=cfg.max_connections))
+    secret = cfg.auth_secret or os.environ.get(AUTH_SECRET_ENV)
+    if secret:
+        transport.set_secret(secret.encode())  # type: ignore[attr-defined]
+    else:
+        log.warning("TandemConnector: no KV secret; requests to %s are not authenticated", transport.address)
     return transport
 
 
-def _new_transport(cfg: ConnectorConfig) -> Transport:
+def _new_transport(cfg: ConnectorConfig, limits: ChannelLimits) -> Transport:
     if cfg.transport == "tcp":
         from kv_transport.transport.tcp import TcpTransport
 
-        return TcpTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host)
+        return TcpTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host, limits=limits)
     if cfg.transport == "nixl":
         from kv_transport.transport.nixl import NixlTransport
 
-        return NixlTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host)
+        return NixlTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host, limits=limits)
     if cfg.transport in ("nccl", "gloo"):
         from kv_transport.transport.collective import CollectiveTransport
 
-        return CollectiveTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host, backend=cfg.transport)
+        return CollectiveTransport(cfg.host, cfg.port, advertise_host=cfg.advertise_host, backend=cfg.transport,
+                                   limits=limits)
     raise ValueError(f"unknown KV transport {cfg.transport!r} (available: tcp, nixl, nccl, gloo)")

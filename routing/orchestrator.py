@@ -16,19 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kv_transport.contract import KV_PROFILE_PARAM, PREFILL_KV_PARAMS, SLO_CLASS_PARAM
 from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 
 log = logging.getLogger(__name__)
-
-# What vLLM's P/D proxies send to the prefill engine: "produce KV for a remote decoder".
-PREFILL_KV_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 class WorkerPool(Protocol):
@@ -49,13 +40,6 @@ class PrefillResult:
     kv_transfer_params: dict[str, Any] | None = None
     error: WorkerReply | None = None
     reason: str = ""
-
-
-# The request's SLO class rides to the prefill worker's connector, which picks the KV
-# compression profile for it when decode pulls.
-SLO_CLASS_PARAM = "tandem_slo_class"
-# A profile the request pins (x-tandem-kv-profile), over the controller's choice.
-KV_PROFILE_PARAM = "tandem_kv_profile"
 
 
 def prefill_body(body: dict[str, Any], slo_class: str | None = None, kv_profile: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,16 @@ log = logging.getLogger("ray.serve")
 HEARTBEAT_PERIOD_S = 5.0
 
 
+def kv_listen_host(listen: str, node: str) -> str:
+    """Where this worker's KV listeners bind: loopback unless KV has to cross nodes."""
+    if listen == "loopback":
+        return "127.0.0.1"
+    if listen == "node":
+        return node
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return "127.0.0.1" if len(alive) <= 1 else node
+
+
 class EngineWorker:
     role: Role
 
@@ -32,8 +42,10 @@ class EngineWorker:
         self._settings = settings_from_dict(settings)
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = WorkerMetrics(self.role, self._replica_id)
+        node = ray.util.get_node_ip_address()
         self._host = EngineHost(
-            self._settings, self.role, node_host=ray.util.get_node_ip_address(), metrics=self.metrics
+            self._settings, self.role, node_host=node, metrics=self.metrics,
+            kv_host=kv_listen_host(self._settings.kv_connector.listen, node),
         )
         await self._host.start()
         self._started_at = time.time()

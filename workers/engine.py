@@ -20,6 +20,7 @@ from typing import Any
 from control_plane.model import resolve_model
 from control_plane.paths import run_dir
 from control_plane.settings import Role, TandemSettings
+from kv_transport.contract import AUTH_SECRET_ENV
 from workers import cpu_binding
 from workers.metrics import WorkerMetrics
 from workers.stats import EngineStats
@@ -50,9 +51,9 @@ class EngineHostInfo:
     pid: int = field(default_factory=os.getpid)
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -91,8 +92,7 @@ def kv_transfer_config(
         extra.setdefault("default_slo_class", compression.default_slo_class)
         extra.setdefault("decision_cache_s", compression.decision_cache_s)
         extra.setdefault("app_name", settings.app_name)
-        if connector.auth_secret:
-            extra.setdefault("auth_secret", connector.auth_secret)
+        extra.setdefault("max_connections", connector.max_connections)
         if listener is not None:
             extra.setdefault("host", listener["host"])
             extra.setdefault("port", listener["port"])
@@ -195,10 +195,13 @@ class EngineHost:
         role: Role,
         node_host: str = "127.0.0.1",
         metrics: WorkerMetrics | None = None,
+        kv_host: str | None = None,
     ):
         self.settings = settings
         self.role = role
         self.node_host = node_host
+        # Where the KV listeners bind and what they advertise (loopback on a single node).
+        self.kv_host = kv_host or node_host
         self.stats = EngineStats(metrics)
         self.engine: Any = None
         self._chat: Any = None
@@ -220,10 +223,15 @@ class EngineHost:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding.omp_bind_value(self._cores)
         if self.role != "colocated":
             # NIXL's handshake listener: one port per engine, on this node's address.
-            os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.node_host
-            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port())
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.kv_host
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port(self.kv_host))
             # Tandem's KV listener: the scheduler advertises the port the worker binds.
-            self.kv_listener = {"host": self.node_host, "port": _free_port()}
+            self.kv_listener = {"host": self.kv_host, "port": _free_port(self.kv_host)}
+            secret = self.settings.kv_connector.auth_secret
+            if secret:
+                # Through the environment (the engine's processes inherit it), never the
+                # vLLM config, which vLLM logs.
+                os.environ[AUTH_SECRET_ENV] = secret
 
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs

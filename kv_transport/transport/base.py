@@ -13,9 +13,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kv_transport.wire import StreamTrailer, TransferHeader, checksum
+
+if TYPE_CHECKING:
+    from kv_transport.transport.control import FetchRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,11 @@ class PullContext:
 # streamed header (header.streamed) the buffers are an iterable that makes each one as it is
 # asked for (encodes a layer), so a transport can send one while the next is made.
 Materialize = Callable[[PullContext], tuple[TransferHeader, Iterable[memoryview]]]
-# Chooses where a pulled payload lands, once its header is known: writable views whose sizes
-# add up to header.payload_nbytes (e.g. the destination KV blocks: a zero-copy receive). None
-# lets the transport allocate one buffer.
+# Chooses where a pulled payload lands, once its header is known and before anything is
+# allocated for it: writable views whose sizes add up to header.payload_nbytes (e.g. the
+# destination KV blocks: a zero-copy receive), or None to let the transport allocate. It may
+# raise to refuse a header (a size the puller does not expect). For a streamed header it is
+# only that check: the chunks land in buffers of their own.
 Destination = Callable[[TransferHeader], Sequence[memoryview] | None]
 
 
@@ -211,17 +216,6 @@ class RateLimiter:
             time.sleep(deficit / self.rate)
 
 
-def pull_context(request: dict[str, Any]) -> PullContext:
-    """The checked context of a pull request (ValueError if malformed)."""
-    skip = request.get("skip_blocks", 0)
-    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
-        raise ValueError(f"skip_blocks must be a non-negative integer, got {skip!r}")
-    puller = request.get("puller", "")
-    if not isinstance(puller, str) or len(puller) > 256:
-        raise ValueError("puller must be a short string")
-    return PullContext(skip, puller)
-
-
 class Transport(ABC):
     """Publish/fetch of a list of buffers. Pull is what the connector uses; a push mode
     would add `push(address, header, buffers)` on the same publications."""
@@ -240,18 +234,16 @@ class Transport(ABC):
     def fetch(
         self,
         address: dict[str, Any],
-        transfer_id: str,
-        timeout_s: float = 30.0,
-        wait_s: float = 5.0,
+        request: FetchRequest,
+        *,
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
-        skip_blocks: int = 0,
-        puller: str = "",
         landed: Landed | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
-        """Pull one transfer, without its first ``skip_blocks`` blocks (the puller holds
-        them); ``puller`` is this side's address; ``landed`` hears of each buffer as it is
-        complete. Returns the header and the views the payload landed in."""
+        """Pull one transfer as ``request`` asks (without the blocks the puller holds,
+        within its deadline); ``limiter`` paces the link, ``into`` chooses where the
+        payload lands, ``landed`` hears of each buffer as it is complete. Returns the header
+        and the views the payload landed in."""
 
     @abstractmethod
     def release(self, address: dict[str, Any], transfer_id: str, timeout_s: float = 5.0) -> None:

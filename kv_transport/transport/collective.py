@@ -1,10 +1,12 @@
 """The `nccl` transport (and its CPU twin `gloo`): KV over torch.distributed point-to-point
 send/recv on a two-rank process group per link.
 
-The tcp side channel carries the requests, the wire header and the rendezvous: on a link's
-first pull the puller hosts a TCPStore and asks the publisher to join a two-rank group;
-the group is reused for every later transfer on that link. The payload goes through the
-group: NCCL between GPUs, gloo on CPU.
+The control channel (kv_transport.transport.channel) carries the requests, the wire header
+and the rendezvous: on a link's first pull the puller hosts a TCPStore and asks the
+publisher to join a two-rank group; the group is reused for every later transfer on that
+link. The payload goes through the group: NCCL between GPUs, gloo on CPU. A publisher joins
+only a store on the host the (authenticated) join request came from: nobody can make it
+connect anywhere else.
 
 What is tested where: `gloo` runs in the unit tests on CPU, through the same code path as
 `nccl`. `nccl` itself needs two GPUs (NCCL refuses two ranks on one device) and is not
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import socket
 import threading
 import uuid
 from typing import Any
@@ -32,11 +33,12 @@ from kv_transport.transport.base import (
     Publication,
     RateLimiter,
     TransferError,
-    pull_context,
     receive_buffers,
     report_landed,
 )
-from kv_transport.transport.tcp import TcpTransport, ack_frame, read_small_frame, recv_bytes
+from kv_transport.transport.channel import ChannelLimits, ChannelTransport, Reply, Session, read_ack
+from kv_transport.transport.control import ControlRequest, FetchRequest, ack_frame
+from kv_transport.transport.tcp import HEADER_MAC, read_header
 from kv_transport.wire import TransferHeader
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 _PUBLISHER, _PULLER = 0, 1
 
 
-class CollectiveTransport(TcpTransport):
+class CollectiveTransport(ChannelTransport):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -52,10 +54,11 @@ class CollectiveTransport(TcpTransport):
         advertise_host: str | None = None,
         backend: str = "gloo",
         timeout_s: float = 60.0,
+        limits: ChannelLimits | None = None,
     ):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"unknown collective backend {backend!r}")
-        super().__init__(host, port, advertise_host)
+        super().__init__(host, port, advertise_host, limits)
         self.name = backend
         self.backend = backend
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -68,8 +71,8 @@ class CollectiveTransport(TcpTransport):
         # store times out, and close() waits for them rather than leave C++ threads running
         # into interpreter exit (which aborts the process).
         self._joiners: list[threading.Thread] = []
-        self._server.ops["collective_pull"] = self._serve_pull
-        self._server.link_ops["collective_join"] = self._serve_join
+        self.channel.ops["collective_pull"] = self._serve_pull
+        self.channel.link_ops["collective_join"] = self._serve_join
 
     def _make_group(self, group_id: str, store: Any, rank: int, timeout: datetime.timedelta | None = None) -> Any:
         prefixed = dist.PrefixStore(group_id, store)
@@ -83,21 +86,30 @@ class CollectiveTransport(TcpTransport):
 
     # ---- publisher -------------------------------------------------------------------
 
-    def _serve_join(self, sock: socket.socket, request: dict[str, Any]) -> bool:
-        group_id = str(request["group"])
-        host, port = str(request["store"][0]), int(request["store"][1])
-        store = dist.TCPStore(host, port, 2, False, timeout=self._timeout)
-        self._make_group(group_id, store, _PUBLISHER)  # blocks until the puller joins too
-        sock.sendall(ack_frame({"joined": group_id}))
+    def _serve_join(self, session: Session) -> bool:
+        request = session.request
+        if not request.group or not request.store_port:
+            session.error("a join names a group and a store", "bad_request")
+            return False
+        if request.store_host != session.peer_host:
+            log.warning("%s transport: refused to join a store at %s asked for from %s",
+                        self.name, request.store_host, session.peer_host)
+            session.error("the store must be on the host that asks to join", "bad_request")
+            return False
+        store = dist.TCPStore(request.store_host, request.store_port, 2, False, timeout=self._timeout)
+        self._make_group(request.group, store, _PUBLISHER)  # blocks until the puller joins too
+        session.send(ack_frame({"joined": request.group}))
         return True
 
-    def _serve_pull(self, sock: socket.socket, publication: Publication, request: dict[str, Any]) -> bool:
+    def _serve_pull(self, session: Session, publication: Publication) -> bool:
         outcome = SEND_FAILED
+        group_id = session.request.group
         try:
             with self._lock:
-                group = self._groups.get(str(request.get("group")))
-            header, buffers = publication.whole(pull_context(request))
-            sock.sendall(header.encode())
+                group = self._groups.get(group_id)
+            header, buffers = publication.whole(session.request.context)
+            head = header.encode()
+            session.send(*session.signed(HEADER_MAC, head, head[8:]))
             if group is None:
                 return False  # the puller sees the connection drop and fails the pull
             if header.payload_nbytes:
@@ -106,7 +118,7 @@ class CollectiveTransport(TcpTransport):
                     group.send([payload.to(self.device)], _PULLER, 0).wait()
                 except RuntimeError:
                     with self._lock:  # the puller is gone: it re-joins on its next pull
-                        self._groups.pop(str(request.get("group")), None)
+                        self._groups.pop(group_id, None)
                     raise
             outcome = PULLED
             return True
@@ -138,8 +150,9 @@ class CollectiveTransport(TcpTransport):
         with self._lock:
             self._joiners = [t for t in self._joiners if t.is_alive()] + [joiner]
 
-        self.request(address, {"op": "collective_join", "group": group_id, "store": [self.host, store.port]},
-                     read_small_frame, timeout_s)
+        join = ControlRequest(op="collective_join", group=group_id, store_host=self.host, store_port=store.port,
+                              timeout_s=timeout_s)
+        self.channel.call(address, join, read_ack, timeout_s)
         joiner.join(timeout_s)
         if "group" not in joined:
             raise TransferError(f"no {self.name} group with {peer}: {joined.get('error')}", code="rendezvous")
@@ -151,20 +164,17 @@ class CollectiveTransport(TcpTransport):
     def fetch(
         self,
         address: dict[str, Any],
-        transfer_id: str,
-        timeout_s: float = 30.0,
-        wait_s: float = 5.0,
+        request: FetchRequest,
+        *,
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
-        skip_blocks: int = 0,
-        puller: str = "",
         landed: Landed | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
-        group_id, link_lock = self._link(address, timeout_s)
+        group_id, link_lock = self._link(address, request.timeout_s)
         group = self._groups[group_id]
 
-        def receive(sock: socket.socket, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
-            header = TransferHeader.decode(recv_bytes(sock, TransferHeader.parse_prefix(prefix)))
+        def receive(reply: Reply, prefix: bytes) -> tuple[TransferHeader, list[memoryview]]:
+            header = read_header(reply, prefix)
             views = receive_buffers(header, into)
             if header.payload_nbytes:
                 staging = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=self.device)
@@ -180,22 +190,21 @@ class CollectiveTransport(TcpTransport):
             report_landed(header, views, landed)
             return header, views
 
-        request = {"op": "collective_pull", "transfer_id": transfer_id, "wait_s": wait_s, "group": group_id,
-                   "skip_blocks": skip_blocks, "puller": puller}
         # One transfer at a time per link: sends and receives pair up in order.
         with link_lock:
             try:
-                return self.request(address, request, receive, timeout_s + wait_s)
+                return self.channel.call(address, request.control("collective_pull", group=group_id), receive,
+                                         request.budget_s)
             except TransferError as exc:
-                if exc.code == "connection":  # the peer is gone: re-join next time
+                if exc.code in ("connection", "timeout"):  # the peer is gone or stuck: re-join next time
                     self._forget(address, group_id)
                 raise
             except RuntimeError as exc:  # the process group broke: re-join next time
                 self._forget(address, group_id)
-                raise TransferError(f"{self.name} transfer {transfer_id} failed: {exc}", code=self.name) from exc
+                raise TransferError(f"{self.name} transfer {request.transfer_id} failed: {exc}", code=self.name) from exc
 
     def close(self) -> None:
-        super().close()
+        self._close_channel()
         with self._lock:
             joiners, self._joiners = self._joiners, []
         for joiner in joiners:

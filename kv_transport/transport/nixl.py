@@ -1,11 +1,12 @@
 """The `nixl` transport: the decode side READs the published buffers through NIXL (UCX:
 shared memory or TCP on one host, RDMA/GPUDirect across a real cluster).
 
-Metadata goes over the tcp transport's side channel: the puller asks for a transfer, the
-publisher registers the buffers with its NIXL agent and answers with the wire header, its
-agent metadata and the buffers' descriptors; the puller registers one receive buffer,
-READs every descriptor into it and posts a completion notification, on which the
-publisher deregisters and reports the transfer delivered.
+Metadata goes over the control channel (kv_transport.transport.channel): the puller asks
+for a transfer, the publisher registers the buffers with its NIXL agent and answers with
+the wire header, its agent metadata and the buffers' descriptors (followed by a MAC with a
+secret); the puller checks every descriptor, registers one receive buffer, READs every
+descriptor into it and posts a completion notification, on which the publisher deregisters
+and reports the transfer delivered.
 
 Progress threads are off: NIXL's default progress thread busy-polls (no delay) for the
 life of the agent, which on a small CPU host steals a whole core from the engines (one
@@ -19,7 +20,6 @@ import base64
 import gc
 import json
 import logging
-import socket
 import struct
 import threading
 import time
@@ -37,16 +37,20 @@ from kv_transport.transport.base import (
     Publication,
     RateLimiter,
     TransferError,
-    pull_context,
     receive_buffers,
     report_landed,
 )
-from kv_transport.transport.tcp import TcpTransport, error_frame, recv_bytes
-from kv_transport.wire import TransferHeader
+from kv_transport.transport.channel import ChannelLimits, ChannelTransport, Reply, Session
+from kv_transport.transport.control import FetchRequest, ProtocolError, parse_small
+from kv_transport.wire import MAX_PAYLOAD_BYTES, TransferHeader
 
 log = logging.getLogger(__name__)
 
 _DESC_MAGIC = b"TKVN"
+_DESC_MAC = b"nixl-describe"
+# A describe reply: the header (at most 1 MiB, base64), agent metadata, descriptors.
+_MAX_DESCRIBE_BYTES = 16 << 20
+_MAX_REGIONS = 1 << 16
 _POLL_S = 50e-6
 
 
@@ -76,13 +80,19 @@ def _coalesce(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in merged]
 
 
-class NixlTransport(TcpTransport):
+class NixlTransport(ChannelTransport):
     name = "nixl"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        limits: ChannelLimits | None = None,
+    ):
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
-        super().__init__(host, port, advertise_host)
+        super().__init__(host, port, advertise_host, limits)
         config = nixl_agent_config(
             enable_prog_thread=False,
             backends=["UCX"],
@@ -92,47 +102,47 @@ class NixlTransport(TcpTransport):
         self._known_agents: set[str] = set()
         self._notif_lock = threading.Lock()
         self._notifs: set[bytes] = set()
-        self._server.ops["nixl_describe"] = self._serve_describe
+        self.channel.ops["nixl_describe"] = self._serve_describe
 
     # ---- publisher -------------------------------------------------------------------
 
-    def _serve_describe(self, sock: socket.socket, publication: Publication, request: dict[str, Any]) -> bool:
+    def _serve_describe(self, session: Session, publication: Publication) -> bool:
         outcome = SEND_FAILED
         registered = None
         try:
-            header, buffers = publication.whole(pull_context(request))
-            regions = _coalesce([_address_of(b) for b in buffers])
-            if regions:
-                registered = self.agent.register_memory([(a, n, 0, "") for a, n in regions], "DRAM")
-            body = json.dumps(
-                {
-                    "header": base64.b64encode(header.encode()).decode(),
-                    "agent": base64.b64encode(self.agent.get_agent_metadata()).decode(),
-                    "regions": regions,
-                }
-            ).encode()
-            sock.sendall(struct.pack("<4sI", _DESC_MAGIC, len(body)) + body)
-            timeout_s = min(float(request.get("timeout_s", 30.0)), 300.0)
-            if not regions or self._await_notif(_notif_for(publication.transfer_id), timeout_s):
+            try:
+                header, buffers = publication.whole(session.request.context)
+                regions = _coalesce([_address_of(b) for b in buffers])
+                if regions:
+                    registered = self.agent.register_memory([(a, n, 0, "") for a, n in regions], "DRAM")
+                body = json.dumps(
+                    {
+                        "header": base64.b64encode(header.encode()).decode(),
+                        "agent": base64.b64encode(self.agent.get_agent_metadata()).decode(),
+                        "regions": regions,
+                    }
+                ).encode()
+            except Exception as exc:  # noqa: BLE001 - report the failure to the puller
+                log.exception("nixl transport: preparing %s failed", publication.transfer_id)
+                session.error(str(exc), "publish_failed")
+                return True
+            frame = struct.pack("<4sI", _DESC_MAGIC, len(body)) + body
+            session.send(*session.signed(_DESC_MAC, frame, body))
+            # The READ must be done by the puller's deadline (the session's), and never
+            # holds the buffers past their TTL.
+            if not regions or self._await_notif(_notif_for(publication.transfer_id), session.deadline.at):
                 outcome = PULLED
             else:
                 log.warning("nixl transport: %s was never read", publication.transfer_id)
-            return True
-        except OSError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - report the failure to the puller
-            log.exception("nixl transport: preparing %s failed", publication.transfer_id)
-            sock.sendall(error_frame(str(exc), "publish_failed"))
             return True
         finally:
             if registered is not None:
                 self.agent.deregister_memory(registered)
             self.store.finish(publication, outcome)
 
-    def _await_notif(self, message: bytes, timeout_s: float) -> bool:
+    def _await_notif(self, message: bytes, deadline: float) -> bool:
         # Polling the agent drives UCX progress for the reader's RMA, so it doubles as the
         # transfer's progress loop.
-        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._notif_lock:
                 for messages in self.agent.get_new_notifs().values():
@@ -148,32 +158,30 @@ class NixlTransport(TcpTransport):
     def fetch(
         self,
         address: dict[str, Any],
-        transfer_id: str,
-        timeout_s: float = 30.0,
-        wait_s: float = 5.0,
+        request: FetchRequest,
+        *,
         limiter: RateLimiter | None = None,
         into: Destination | None = None,
-        skip_blocks: int = 0,
-        puller: str = "",
         landed: Landed | None = None,
     ) -> tuple[TransferHeader, list[memoryview]]:
-        def receive(sock: socket.socket, prefix: bytes) -> dict[str, Any]:
+        def receive(reply: Reply, prefix: bytes) -> tuple[TransferHeader, bytes, list[tuple[int, int]]]:
             magic, length = struct.unpack("<4sI", prefix)
             if magic != _DESC_MAGIC:
                 raise TransferError(f"unexpected reply {magic!r} to a nixl describe", code="protocol")
-            return json.loads(recv_bytes(sock, length))
+            if length > _MAX_DESCRIBE_BYTES:
+                raise TransferError(f"describe reply of {length} bytes is too large", code="protocol")
+            body = reply.exact(length)
+            reply.check(_DESC_MAC, body)
+            return _parse_describe(body)
 
-        request = {"op": "nixl_describe", "transfer_id": transfer_id, "wait_s": wait_s, "timeout_s": timeout_s,
-                   "skip_blocks": skip_blocks, "puller": puller}
-        described = self.request(address, request, receive, timeout_s + wait_s)
-        frame = base64.b64decode(described["header"])
-        header = TransferHeader.decode(frame[8 : 8 + TransferHeader.parse_prefix(frame[:8])])
-        regions = [(int(a), int(n)) for a, n in described["regions"]]
-        if sum(n for _, n in regions) != header.payload_nbytes:
-            raise TransferError("descriptors do not cover the announced payload", code="protocol")
+        started = time.monotonic()
+        header, agent_metadata, regions = self.channel.call(
+            address, request.control("nixl_describe"), receive, request.budget_s
+        )
         views = receive_buffers(header, into)
         if regions:
-            self._read(transfer_id, base64.b64decode(described["agent"]), regions, views, timeout_s)
+            remaining = request.budget_s - (time.monotonic() - started)
+            self._read(request.transfer_id, agent_metadata, regions, views, remaining)
         if limiter is not None:
             limiter.consume(header.payload_nbytes)
         # One READ brings the whole payload: every buffer lands at once.
@@ -188,6 +196,8 @@ class NixlTransport(TcpTransport):
         views: list[memoryview],
         timeout_s: float,
     ) -> None:
+        if timeout_s <= 0:
+            raise TransferError(f"no time left to READ {transfer_id}", code="timeout")
         remote_agent = self.agent.add_remote_agent(agent_metadata)
         if isinstance(remote_agent, bytes):
             remote_agent = remote_agent.decode()
@@ -223,7 +233,7 @@ class NixlTransport(TcpTransport):
             self.agent.deregister_memory(registered)
 
     def close(self) -> None:
-        super().close()
+        self._close_channel()
         if self.agent is None:
             return
         for name in self._known_agents:
@@ -235,6 +245,36 @@ class NixlTransport(TcpTransport):
         # thread of it can wake up during finalisation and abort the process.
         self.agent = None
         gc.collect()
+
+
+def _parse_describe(body: bytes) -> tuple[TransferHeader, bytes, list[tuple[int, int]]]:
+    """A describe reply, every field checked before any descriptor or buffer is made: the
+    regions must be (address, length) pairs of non-negative integers that cover exactly the
+    header's payload."""
+    try:
+        described = parse_small(body)
+        frame = base64.b64decode(described["header"], validate=True)
+        agent = base64.b64decode(described["agent"], validate=True)
+        raw_regions = described["regions"]
+    except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+        raise TransferError(f"malformed nixl describe reply: {exc}", code="protocol") from None
+    header = TransferHeader.decode(frame[8 : 8 + TransferHeader.parse_prefix(frame[:8])])
+    if not isinstance(raw_regions, list) or len(raw_regions) > _MAX_REGIONS:
+        raise TransferError("descriptors must be a bounded list", code="protocol")
+    regions = []
+    for region in raw_regions:
+        if (
+            not isinstance(region, list)
+            or len(region) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in region)
+            or not 0 <= region[0] < (1 << 64)
+            or not 0 < region[1] <= MAX_PAYLOAD_BYTES
+        ):
+            raise TransferError(f"malformed descriptor {region!r}", code="protocol")
+        regions.append((region[0], region[1]))
+    if sum(n for _, n in regions) != header.payload_nbytes:
+        raise TransferError("descriptors do not cover the announced payload", code="protocol")
+    return header, agent, regions
 
 
 def _pair_descriptors(

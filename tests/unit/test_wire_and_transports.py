@@ -12,6 +12,7 @@ import pytest
 
 from kv_transport.transport.base import Publication, RateLimiter, TransferError
 from kv_transport.transport.collective import CollectiveTransport
+from kv_transport.transport.control import ControlRequest, FetchRequest
 from kv_transport.transport.nixl import NixlTransport
 from kv_transport.transport.tcp import TcpTransport
 from kv_transport.wire import (
@@ -25,6 +26,7 @@ from kv_transport.wire import (
     split_payload,
     verify,
 )
+from tests.unit.kv_port import raw_request
 
 
 def _header(buffers: list[bytes], transfer_id: str = "t1") -> TransferHeader:
@@ -95,6 +97,10 @@ def _eventually(predicate, timeout_s: float = 5.0) -> bool:
     return True
 
 
+def _fetch(transport, address, transfer_id, *, limiter=None, into=None, landed=None, **request):
+    return transport.fetch(address, FetchRequest(transfer_id, **request), limiter=limiter, into=into, landed=landed)
+
+
 def _transport(kind: str):
     if kind == "tcp":
         return TcpTransport()
@@ -135,7 +141,7 @@ def test_a_puller_that_holds_leading_blocks_gets_only_the_rest(transports):
         return header, views
 
     server.publish(Publication("ranged", materialize, lambda t, ok: done.append(ok)))
-    header, received = client.fetch(server.address, "ranged", skip_blocks=5, puller="decode-7:5555")
+    header, received = _fetch(client, server.address, "ranged", skip_blocks=5, puller="decode-7:5555")
     assert (header.first_block, header.num_blocks, header.payload_nbytes) == (5, 3, 3 * 3 * 1024)
     views = split_payload(header, received[0])
     verify(header, views)
@@ -147,9 +153,11 @@ def test_a_bad_skip_is_refused_and_the_publication_survives():
     server, client = TcpTransport(), TcpTransport()
     try:
         done = _publish(server, "kept", [b"x" * 100])
-        with pytest.raises(TransferError):
-            client.fetch(server.address, "kept", timeout_s=2, wait_s=0, skip_blocks=-1)
-        header, _ = client.fetch(server.address, "kept")  # still there for a proper pull
+        with pytest.raises(ValueError):
+            FetchRequest("kept", skip_blocks=-1)  # the puller cannot even ask for it
+        body = ControlRequest(op="pull", transfer_id="kept").fields() | {"skip_blocks": -1}
+        assert raw_request(server.address, body)["code"] == "bad_request"  # nor a hand-made request
+        header, _ = _fetch(client, server.address, "kept")  # still there for a proper pull
         assert header.payload_nbytes == 100
         assert _eventually(lambda: done == [("kept", "pulled")])
     finally:
@@ -163,7 +171,7 @@ def test_round_trip_multi_buffer_payloads(transports, sizes):
     server, client = transports
     buffers = [os.urandom(n) if n < (1 << 20) else bytes(range(256)) * (n // 256) for n in sizes]
     done = _publish(server, "big", buffers)
-    header, received = client.fetch(server.address, "big")
+    header, received = _fetch(client, server.address, "big")
     views = split_payload(header, received[0])
     verify(header, views)
     assert [len(v) for v in views] == sizes
@@ -182,7 +190,7 @@ def test_each_buffer_is_reported_as_it_lands(transports):
     def landed(header, index, view):
         reports.append((index, bytes(view), time.monotonic()))
 
-    header, received = client.fetch(server.address, "landing", limiter=RateLimiter(2 << 20, 64 << 10),
+    header, received = _fetch(client, server.address, "landing", limiter=RateLimiter(2 << 20, 64 << 10),
                                     landed=landed)
     fetched_at = time.monotonic()
     assert [(i, b) for i, b, _ in reports] == list(enumerate(buffers))
@@ -201,27 +209,27 @@ def test_a_landed_callback_that_refuses_ends_the_pull(transports):
         raise ValueError("not for this cache")
 
     with pytest.raises(ValueError):
-        client.fetch(server.address, "refused", landed=landed)
+        _fetch(client, server.address, "refused", landed=landed)
     assert _eventually(lambda: len(done) == 1)
 
 
 def test_transfers_are_single_use_and_unknown_ids_fail_cleanly(transports):
     server, client = transports
     _publish(server, "once", [b"kv"])
-    client.fetch(server.address, "once")
+    _fetch(client, server.address, "once")
     with pytest.raises(TransferError) as err:
-        client.fetch(server.address, "once", wait_s=0.1)
+        _fetch(client, server.address, "once", wait_s=0.1)
     assert err.value.code == "unknown_transfer"
     # The failed pull left the pooled connection usable.
     _publish(server, "again", [b"kv2"])
-    assert bytes(client.fetch(server.address, "again")[1][0]) == b"kv2"
+    assert bytes(_fetch(client, server.address, "again")[1][0]) == b"kv2"
 
 
 def test_pull_waits_for_a_late_publication(transports):
     server, client = transports
     timer = threading.Timer(0.3, lambda: _publish(server, "late", [b"x" * 100]))
     timer.start()
-    header, received = client.fetch(server.address, "late", wait_s=5)
+    header, received = _fetch(client, server.address, "late", wait_s=5)
     assert header.payload_nbytes == len(received[0]) == 100
 
 
@@ -248,7 +256,7 @@ def test_concurrent_and_many_small_transfers(transports):
         _publish(server, tid, bufs)
 
     def pull(tid):
-        header, received = client.fetch(server.address, tid)
+        header, received = _fetch(client, server.address, tid)
         verify(header, split_payload(header, received[0]))
         return bytes(received[0]) == b"".join(payloads[tid])
 
@@ -261,13 +269,13 @@ def test_scatter_receive_into_caller_buffers(transports):
     buffers = [os.urandom(5000), os.urandom(3000)]
     _publish(server, "scatter", buffers)
     destination = [memoryview(bytearray(1000)), memoryview(bytearray(7000))]
-    header, received = client.fetch(server.address, "scatter", into=lambda h: destination)
+    header, received = _fetch(client, server.address, "scatter", into=lambda h: destination)
     assert received[0].obj is destination[0].obj  # landed where the caller asked
     verify(header, received)
     assert b"".join(bytes(v) for v in destination) == b"".join(buffers)
     _publish(server, "mismatch", buffers)
     with pytest.raises(TransferError):
-        client.fetch(server.address, "mismatch", into=lambda h: [memoryview(bytearray(10))])
+        _fetch(client, server.address, "mismatch", into=lambda h: [memoryview(bytearray(10))])
 
 
 def test_peer_gone_is_a_transfer_error(transports):
@@ -276,7 +284,7 @@ def test_peer_gone_is_a_transfer_error(transports):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(TransferError):
-        client.fetch({"host": "127.0.0.1", "port": port}, "x", timeout_s=2)
+        _fetch(client, {"host": "127.0.0.1", "port": port}, "x", timeout_s=2)
 
 
 def test_truncated_stream_is_a_transfer_error(transports):
@@ -293,7 +301,7 @@ def test_truncated_stream_is_a_transfer_error(transports):
 
     threading.Thread(target=serve_half, daemon=True).start()
     with pytest.raises(TransferError):
-        client.fetch({"host": "127.0.0.1", "port": listener.getsockname()[1]}, "t1", timeout_s=5)
+        _fetch(client, {"host": "127.0.0.1", "port": listener.getsockname()[1]}, "t1", timeout_s=5)
     listener.close()
 
 
@@ -324,7 +332,7 @@ def test_a_streamed_publication_arrives_whole_on_every_transport(transports):
     header = _streamed_header([2 * len(b) for b in buffers], "streamed")
     server.publish(Publication("streamed", lambda _ctx: (header, encode_each()), lambda t, o: done.append(o)))
     landed_at: list[tuple[int, bytes, float]] = []
-    received_header, received = client.fetch(
+    received_header, received = _fetch(client, 
         server.address, "streamed", landed=lambda h, i, view: landed_at.append((i, bytes(view), time.monotonic()))
     )
     assert [(i, b) for i, b, _ in landed_at] == list(enumerate(buffers))
@@ -351,12 +359,12 @@ def test_a_publisher_failing_mid_stream_tells_the_puller():
         header = _streamed_header([100, 100], "half")
         server.publish(Publication("half", lambda _ctx: (header, encode_then_fail()), lambda t, o: done.append(o)))
         with pytest.raises(TransferError, match="codec exploded") as err:
-            client.fetch(server.address, "half")
+            _fetch(client, server.address, "half")
         assert err.value.code == "publish_failed"
         assert _eventually(lambda: done == ["send_failed"])
         # The link still serves the next transfer.
         _publish(server, "next", [b"kv"])
-        assert bytes(client.fetch(server.address, "next")[1][0]) == b"kv"
+        assert bytes(_fetch(client, server.address, "next")[1][0]) == b"kv"
     finally:
         server.close()
         client.close()
@@ -376,7 +384,7 @@ def test_a_stream_ends_after_the_announced_layers_and_reports_sizes_as_they_land
         server.publish(Publication("exact", lambda _ctx: (_streamed_header([100, 100], "exact"), two_then_fail()),
                                    lambda t, o: None))
         sizes: list[tuple[int, int]] = []
-        header, received = client.fetch(
+        header, received = _fetch(client, 
             server.address, "exact", landed=lambda h, i, view: sizes.append((h.buffers[i].nbytes, len(view)))
         )
         assert sizes == [(10, 10), (11, 11)]
@@ -393,7 +401,7 @@ def test_a_header_that_cannot_be_sent_is_reported_to_the_puller():
         huge.buffers = [BufferInfo(f"model.layers.{i}.self_attn.attn", 0, 0, [1]) for i in range(40_000)]
         server.publish(Publication("huge", lambda _ctx: (huge, []), lambda t, o: None))
         with pytest.raises(TransferError, match="header too large") as err:
-            client.fetch(server.address, "huge")
+            _fetch(client, server.address, "huge")
         assert err.value.code == "publish_failed"
     finally:
         server.close()
@@ -423,7 +431,7 @@ def test_a_hostile_streamed_frame_is_refused_before_allocation(after_header):
     threading.Thread(target=serve, daemon=True).start()
     try:
         with pytest.raises(WireFormatError):
-            client.fetch({"host": "127.0.0.1", "port": listener.getsockname()[1]}, "hostile", timeout_s=5)
+            _fetch(client, {"host": "127.0.0.1", "port": listener.getsockname()[1]}, "hostile", timeout_s=5)
     finally:
         listener.close()
         client.close()
@@ -479,9 +487,9 @@ def test_requests_without_the_cluster_secret_get_nothing(kind):
         done = _publish(server, "guarded", [os.urandom(4096)])
         for client in (stranger, wrong):
             with pytest.raises(TransferError) as err:
-                client.fetch(server.address, "guarded", timeout_s=5, wait_s=0)
+                _fetch(client, server.address, "guarded", timeout_s=5, wait_s=0)
             assert err.value.code == "unauthorized"
-        header, _ = peer.fetch(server.address, "guarded")
+        header, _ = _fetch(peer, server.address, "guarded")
         assert header.payload_nbytes == 4096
         assert _eventually(lambda: done == [("guarded", "pulled")])
     finally:
