@@ -5,8 +5,10 @@ under a steady client load, each request's fate counted.
    can serve, for several minutes, against a stack with a tight admission limit. Every
    request must end in success, 429 or 503: no other 5xx, no hang. The ingress replica's RSS
    is sampled throughout (it must stay flat).
-2. Faults, one after another, while a few clients stream requests back to back:
-   decode replica killed mid-stream, prefill replica killed, Redis stopped and restarted,
+2. Faults, one after another, while a few clients stream requests back to back: hostile
+   traffic first (a stranger at a prefill worker's KV port: 300 idle connections, forged,
+   unauthenticated, NaN-deadline and non-object requests; batched completions prompts and
+   8 MiB bodies of tiny messages at the ingress), then a decode replica killed mid-stream, prefill replica killed, Redis stopped and restarted,
    and finally `tandem down` (drain: in-flight requests finish, new ones get 503).
    Per fault: requests sent from the fault until recovery (+5 s), how many succeeded, were
    shed (429/503), failed cleanly (an OpenAI error, e.g. the SSE error event of a stream
@@ -222,6 +224,126 @@ def soak(url: str, duration_s: float, users: int, out_dir: Path) -> dict[str, An
     }
 
 
+# ---- hostile traffic under the steady load ------------------------------------------------
+
+
+def _kv_small(magic: bytes, body: bytes) -> bytes:
+    return magic + len(body).to_bytes(4, "little") + body
+
+
+def _kv_exchange(address: tuple[str, int], data: bytes) -> str:
+    """What a KV listener does with ``data`` from a stranger: the error code it answers,
+    or "closed"."""
+    import socket
+
+    try:
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(data)
+            prefix = sock.recv(8, socket.MSG_WAITALL)
+            if len(prefix) < 8:
+                return "closed"
+            reply = json.loads(sock.recv(int.from_bytes(prefix[4:], "little"), socket.MSG_WAITALL))
+            return str(reply.get("code") or reply)
+    except (OSError, ValueError) as exc:
+        return f"closed ({type(exc).__name__})"
+
+
+def kv_port_attack(address: tuple[str, int], idle: int = 300, hold_s: float = 15.0) -> dict[str, Any]:
+    """A stranger at a prefill worker's KV port: hundreds of idle connections, then requests
+    that are forged, replayed, not objects, or carry NaN deadlines."""
+    import socket
+    from collections import Counter
+
+    from kv_transport.transport.control import ControlRequest
+
+    opened: list[socket.socket] = []
+    refused = 0
+    for _ in range(idle):
+        try:
+            opened.append(socket.create_connection(address, timeout=5))
+        except OSError:
+            refused += 1
+    signed_elsewhere = ControlRequest(op="pull", transfer_id="0" * 32).fields()
+    bodies = {
+        "nan wait": json.dumps({**signed_elsewhere, "wait_s": float("nan")}).encode(),
+        "no mac": json.dumps(signed_elsewhere).encode(),
+        "forged mac": json.dumps({**signed_elsewhere, "auth": "00" * 32}).encode(),
+        "not an object": b"[1, 2, 3]",
+        "not json": b"\xff" * 64,
+    }
+    answers: Counter[str] = Counter()
+    deadline = time.monotonic() + hold_s
+    while time.monotonic() < deadline:
+        for name, body in bodies.items():
+            answers[f"{name}: {_kv_exchange(address, _kv_small(b'TKVQ', body))}"] += 1
+        time.sleep(0.5)
+    cut_off = 0
+    for sock in opened:
+        try:
+            sock.settimeout(0.1)
+            cut_off += sock.recv(1) == b""
+        except OSError:
+            cut_off += 1
+        sock.close()
+    return {"idle_connections": idle, "refused_at_connect": refused, "idle_cut_off": cut_off,
+            "answers": dict(answers)}
+
+
+async def _post(url: str, path: str, body: Any, content: bytes | None = None) -> tuple[int, Any]:
+    async with httpx.AsyncClient(timeout=300) as client:
+        if content is not None:
+            response = await client.post(f"{url}{path}", content=content, headers={"content-type": "application/json"})
+        else:
+            response = await client.post(f"{url}{path}", json=body)
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, response.text[:200]
+
+
+def front_door_attack(url: str, rounds: int = 6) -> dict[str, Any]:
+    """Batched prompts (one prefill and transfer each) and 8 MiB bodies of tiny messages,
+    each checked for its answer."""
+    from collections import Counter
+
+    prompts = [f"My favourite thing in the whole world is the {thing}. My favourite thing is"
+               for thing in ("stone", "apple", "river", "cloud", "piano", "tiger", "lemon", "comet")]
+    tiny = b'{"role":"user","content":"a"},'
+    count = (8 << 20) // len(tiny) - 8
+    huge = b'{"model":"' + MODEL.encode() + b'","messages":[' + tiny * count + b'{"role":"user","content":"a"}]}'
+    results: Counter[str] = Counter()
+
+    async def run() -> None:
+        for _ in range(rounds):
+            status, body = await _post(url, "/v1/completions", {"model": MODEL, "prompt": prompts, "max_tokens": 8,
+                                                                "temperature": 0})
+            good = status == 200 and [c["index"] for c in body.get("choices", [])] == list(range(len(prompts)))
+            results[f"batch of 8 prompts: {'ok' if good else status}"] += 1
+            status, body = await _post(url, "/v1/chat/completions", None, content=huge)
+            shaped = isinstance(body, dict) and "error" in body
+            results[f"8 MiB body of {count} messages: {status}{'' if shaped else ' (not OpenAI-shaped)'}"] += 1
+
+    asyncio.run(run())
+    return dict(results)
+
+
+def hostile_runs(url: str, load: SteadyLoad, record: Any) -> None:
+    from control_plane.redis_server import embedded_url
+    from control_plane.state import list_workers
+
+    prefill = [w for w in list_workers(embedded_url(), APP) if w.get("role") == "prefill" and w.get("kv_listener")]
+    if prefill:
+        listener = prefill[0]["kv_listener"]
+        injected = time.monotonic()
+        attack = kv_port_attack((listener["host"], int(listener["port"])))
+        record("KV port: 300 idle strangers, forged/NaN requests", injected, time.monotonic() - injected,
+               json.dumps(attack, separators=(",", ":")))
+    injected = time.monotonic()
+    attack = front_door_attack(url)
+    record("batched prompts and 8 MiB bodies", injected, time.monotonic() - injected,
+           json.dumps(attack, separators=(",", ":")))
+
+
 def fault_runs(url: str, port: int) -> list[dict[str, Any]]:
     import ray
 
@@ -237,6 +359,9 @@ def fault_runs(url: str, port: int) -> list[dict[str, Any]]:
             window = load.window(injected, injected + recover_s + 5)
             results.append({"fault": name, **_counts(window), "recover_s": round(recover_s, 1), "note": note})
             print(f"{name}: {results[-1]}", flush=True)
+
+        # Hostile traffic first: the steady load must not lose a request to it.
+        hostile_runs(url, load, record)
 
         for name, deployment in (("decode replica killed", "DecodeWorker"), ("prefill replica killed", "PrefillWorker")):
             time.sleep(2)  # streams are in flight (the load never pauses)

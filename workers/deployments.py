@@ -78,6 +78,8 @@ class EngineWorker:
             "cpu_cores": info.cpu_cores if info else [],
             "pid": info.pid if info else None,
             "node": self._host.node_host,
+            # Where this worker's KV listener is reached (loopback on a single node).
+            "kv_listener": self._host.kv_listener,
             "started_at": self._started_at,
             "stats": self._host.routing_stats(),
         }
