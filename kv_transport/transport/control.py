@@ -159,6 +159,11 @@ class ControlRequest:
         unknown = set(body) - known
         if unknown:
             raise ProtocolError(f"unknown request fields: {sorted(unknown)[:4]}")
+        if body.get("v") != PROTOCOL_VERSION:
+            # A puller from before this contract (no version, nonce or time) is told so.
+            raise ProtocolError(f"control protocol version {body.get('v')!r} is not {PROTOCOL_VERSION}", "version")
+        if "ts" not in body or "nonce" not in body or "op" not in body:
+            raise ProtocolError("a request carries op, ts and nonce")
         if auth is not None:
             # Authenticate before reading any field's meaning: a stranger learns nothing.
             if not isinstance(presented, str) or not hmac.compare_digest(presented, auth.request_mac(body)):

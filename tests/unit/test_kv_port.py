@@ -368,3 +368,10 @@ def test_a_collective_join_cannot_send_the_publisher_elsewhere():
         assert reply is not None and reply["code"] == "bad_request"
     finally:
         server.close()
+
+
+def test_a_puller_from_before_the_versioned_contract_is_told_so(pair):
+    server, _ = pair
+    _publish(server, "old", [b"kv"])
+    reply = raw_request(server.address, {"op": "pull", "transfer_id": "old", "wait_s": 0.0})
+    assert reply is not None and reply["code"] == "version"
