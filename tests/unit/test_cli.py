@@ -48,3 +48,26 @@ def test_down_with_an_unreadable_config_still_tears_down(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "settings unreadable" in result.output
     assert not state.exists()
+
+
+def test_every_disaggregated_app_gets_a_kv_secret(tmp_path, monkeypatch):
+    """Tandem's KV port is never left unauthenticated: with no secret configured, the app
+    builder makes one, and `tandem up` keeps one per machine (0600) and reuses it."""
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    from control_plane.app import with_kv_secret
+    from control_plane.cli import _cluster_kv_secret
+    from control_plane.settings import load_settings
+
+    bare = load_settings(None)
+    assert bare.kv_connector.auth_secret is None
+    made = with_kv_secret(bare).kv_connector.auth_secret
+    assert made and len(made) >= 32 and made != with_kv_secret(bare).kv_connector.auth_secret
+    configured = load_settings(None, kv_connector={"auth_secret": "s" * 20})
+    assert with_kv_secret(configured).kv_connector.auth_secret == "s" * 20
+    assert with_kv_secret(load_settings(None, mode="colocated")).kv_connector.auth_secret is None
+
+    kept = _cluster_kv_secret()
+    path = tmp_path / "run" / "kv-secret"
+    assert path.read_text() == kept and (path.stat().st_mode & 0o777) == 0o600
+    assert _cluster_kv_secret() == kept
+    assert with_kv_secret(bare, kept).kv_connector.auth_secret == kept
