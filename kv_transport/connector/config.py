@@ -25,7 +25,10 @@ class ConnectorConfig:
     # Concurrent connections this worker's KV listener serves; more are refused at accept.
     max_connections: int = 128
     rate_limit_bytes_per_s: float | None = None  # emulate a slower link (tests, benchmarks)
-    pull_threads: int = 4
+    # Threads that pull; at most pull_threads_per_peer of them wait on any one publisher,
+    # so a slow or stalled peer cannot hold up pulls from the others.
+    pull_threads: int = 8
+    pull_threads_per_peer: int = 4
     telemetry_sinks: list[str] = field(default_factory=lambda: ["redis"])
     redis_url: str | None = None
     # KV compression (kv_transport.compression): off | static | adaptive.

@@ -18,13 +18,14 @@ failed one is recomputed by vLLM (kv_load_failure_policy "recompute").
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
@@ -68,6 +69,50 @@ if TYPE_CHECKING:
 log = init_logger("vllm.tandem.kv")
 
 
+class PerPeerLimit:
+    """Runs tasks on an executor, at most ``per_peer`` at a time for any one peer; the rest
+    of that peer's tasks wait in its own queue, not in the executor's, so they never hold a
+    thread that another peer's task could use."""
+
+    def __init__(self, executor: Executor, per_peer: int):
+        self._executor = executor
+        self._per_peer = per_peer
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+        self._waiting: dict[str, collections.deque[tuple[Callable[..., None], tuple[Any, ...]]]] = {}
+
+    def submit(self, peer: str, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._running.get(peer, 0) >= self._per_peer:
+                self._waiting.setdefault(peer, collections.deque()).append((fn, args))
+                return
+            self._running[peer] = self._running.get(peer, 0) + 1
+        self._executor.submit(self._run, peer, fn, args)
+
+    def _run(self, peer: str, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._lock:
+                queue = self._waiting.get(peer)
+                following = queue.popleft() if queue else None
+                if queue is not None and not queue:
+                    del self._waiting[peer]
+                if following is None:
+                    self._running[peer] -= 1
+                    if not self._running[peer]:
+                        del self._running[peer]
+            if following is not None:
+                try:
+                    self._executor.submit(self._run, peer, *following)
+                except RuntimeError:  # shut down
+                    pass
+
+    def in_flight(self, peer: str) -> int:
+        with self._lock:
+            return self._running.get(peer, 0)
+
+
 class TandemConnectorWorker:
     def __init__(self, config: ConnectorConfig, *, block_size: int, model: str, num_blocks: int):
         self.cfg = config
@@ -79,6 +124,7 @@ class TandemConnectorWorker:
         # One token bucket per link (source worker), as a real network path would have.
         self._limiters: dict[str, RateLimiter] = {}
         self._pool = ThreadPoolExecutor(self.cfg.pull_threads, thread_name_prefix="tandem-kv-pull")
+        self._pulls = PerPeerLimit(self._pool, max(1, min(self.cfg.pull_threads_per_peer, self.cfg.pull_threads)))
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-release")
         # Decodes compressed layers while the pulls receive the next ones.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-decode")
@@ -106,7 +152,8 @@ class TandemConnectorWorker:
         for request_id, send in meta.sends.items():
             self._publish(request_id, send)
         for request_id, recv in meta.recvs.items():
-            self._pool.submit(self._pull, request_id, recv)
+            address = recv.transfer.address
+            self._pulls.submit(f"{address.get('host')}:{address.get('port')}", self._pull, request_id, recv)
         for transfer in meta.releases:
             # Not on the pull threads: a slow or unreachable publisher must not hold up pulls.
             self._releaser.submit(self._release, transfer)
