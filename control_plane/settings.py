@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from routing.protocol import MAX_JSON_VALUES, MAX_MESSAGES, MAX_N, MAX_PROMPTS
+
 DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
 
 Mode = Literal["disaggregated", "colocated"]
@@ -199,6 +201,9 @@ class RoutingSettings(_Strict):
     decode_router_options: dict[str, Any] = Field(default_factory=dict)
     # The TTFT the router tries to keep each request under before giving up affinity.
     slo_ttft_s: float = Field(2.0, gt=0)
+    # /health and /metrics reuse their last answer this long (and concurrent probes share
+    # one), so that probes and scrapes cannot multiply calls to the pools and Redis. 0: never.
+    status_cache_s: float = Field(1.0, ge=0, le=60)
 
     @model_validator(mode="after")
     def _known_router_options(self) -> RoutingSettings:
@@ -230,6 +235,16 @@ class AuthSettings(_Strict):
     default_limits: KeyLimitSettings = Field(default_factory=KeyLimitSettings)
     # With Redis down, quotas are skipped ("open") or requests get 503 ("closed").
     quota_on_redis_failure: Literal["open", "closed"] = "open"
+    # /metrics needs an API key too when keys are on (Prometheus then sends one: the Helm
+    # chart's serviceMonitor.bearerTokenSecret). False: open, like vLLM's; it shows no addresses.
+    metrics_require_key: bool = False
+    # Who may pin a request's KV compression profile with x-tandem-kv-profile (it is
+    # honoured only when kv_connector.compression.mode is not "off", and ignored when it is):
+    # "permitted": with keys off, any caller; with keys on, keys created with
+    # may_pin_kv_profile, and the api_keys above when api_keys_pin_kv_profile.
+    # "everyone": any caller. "nobody". Callers who may not get 403.
+    kv_profile_pinning: Literal["permitted", "everyone", "nobody"] = "permitted"
+    api_keys_pin_kv_profile: bool = False
 
 
 class AdmissionSettings(_Strict):
@@ -243,11 +258,18 @@ class AdmissionSettings(_Strict):
     retry_after_s: int = Field(1, ge=1)
     # Larger bodies get 413 before they are parsed.
     max_body_bytes: int = Field(8 << 20, ge=1024)
-    max_messages: int = Field(512, ge=1)
+    # JSON values (objects, arrays, strings, numbers, ...) in one body, counted before it is
+    # parsed; more: 413. Parsing costs up to ~200 bytes of ingress memory per value, so this
+    # bounds what the worst body can cost (about 55 MiB at the default). Raise it for batches
+    # of long token-id prompts (a value per token).
+    max_json_values: int = Field(1 << 18, ge=1024, le=MAX_JSON_VALUES)
+    # At most routing/protocol.py's hard caps (MAX_MESSAGES, MAX_PROMPTS), which the request
+    # models enforce while they parse.
+    max_messages: int = Field(512, ge=1, le=MAX_MESSAGES)
     # Prompts in one batched /v1/completions body; disaggregated, each is its own prefill
     # and decode.
-    max_prompts: int = Field(64, ge=1)
-    max_n: int = Field(16, ge=1)
+    max_prompts: int = Field(64, ge=1, le=MAX_PROMPTS)
+    max_n: int = Field(16, ge=1, le=MAX_N)
 
 
 class TandemSettings(BaseSettings):

@@ -4,16 +4,41 @@ A request is refused with 429 and `Retry-After` when this ingress replica alread
 `max_in_flight` requests, or when even the best prefill replica's predicted TTFT (the
 router's own predictor, fed by its in-flight accounting) is past `max_predicted_ttft_s`;
 with 503 when the pool has no replica at all. Bodies over `max_body_bytes` get 413 before
-they are read into memory twice.
+they are read into memory twice; the others are parsed here (`parse`: bounded first, see
+routing/protocol.py), large ones on a thread of their own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from routing import protocol
 
 log = logging.getLogger("ray.serve")
+
+# Bodies up to this size are parsed on the event loop (a thread hop costs more than they do);
+# larger ones on the parsing thread.
+INLINE_PARSE_BYTES = 64 << 10
+_Model = TypeVar("_Model", bound=BaseModel)
+_parser: ThreadPoolExecutor | None = None
+
+
+async def parse(model: type[_Model], raw: bytes, max_values: int) -> _Model:
+    """protocol.parse_body, on one thread of its own for large bodies: one large body at a
+    time is parsed (its memory bounded by protocol.parse_body), the others wait their turn,
+    and neither the event loop nor the default executor (API-key checks) waits for them."""
+    global _parser
+    if len(raw) <= INLINE_PARSE_BYTES:
+        return protocol.parse_body(model, raw, max_values)
+    if _parser is None:
+        _parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-parse")
+    return await asyncio.get_running_loop().run_in_executor(_parser, protocol.parse_body, model, raw, max_values)
 
 
 class Overloaded(Exception):

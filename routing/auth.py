@@ -55,6 +55,9 @@ class KeyRecord:
     digest: str
     limits: KeyLimits = field(default_factory=KeyLimits)
     created_at: float = field(default_factory=time.time)
+    # May pin a request's KV compression profile (x-tandem-kv-profile), under
+    # auth.kv_profile_pinning "permitted".
+    may_pin_kv_profile: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -67,6 +70,7 @@ class KeyRecord:
             digest=str(data["digest"]),
             limits=KeyLimits(**data.get("limits", {})),
             created_at=float(data.get("created_at", 0.0)),
+            may_pin_kv_profile=bool(data.get("may_pin_kv_profile", False)),
         )
 
 
@@ -99,9 +103,9 @@ class KeyStore:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.app_name = app_name
 
-    def create(self, name: str, limits: KeyLimits) -> tuple[str, KeyRecord]:
+    def create(self, name: str, limits: KeyLimits, may_pin_kv_profile: bool = False) -> tuple[str, KeyRecord]:
         key = new_key()
-        record = KeyRecord(name=name, digest=key_hash(key), limits=limits)
+        record = KeyRecord(name=name, digest=key_hash(key), limits=limits, may_pin_kv_profile=may_pin_kv_profile)
         self.client.set(redis_key(self.app_name, record.digest), record.to_json())
         return key, record
 
@@ -138,11 +142,13 @@ class Authenticator:
         default_limits: KeyLimits | None = None,
         quota_fail_open: bool = True,
         clock: Any = time.time,
+        static_keys_pin_kv_profile: bool = False,
     ):
         self.app_name = app_name
         self.redis_url = redis_url
         self.default_limits = default_limits or KeyLimits()
         self.static_digests = [key_hash(k) for k in static_keys]
+        self.static_keys_pin_kv_profile = static_keys_pin_kv_profile
         self.quota_fail_open = quota_fail_open
         self.clock = clock
         self._store: KeyStore | None = KeyStore(redis_url, app_name) if redis_url else None
@@ -160,7 +166,8 @@ class Authenticator:
         for known in self.static_digests:
             matched |= hmac.compare_digest(digest, known)
         if matched:
-            return KeyRecord(name="settings", digest=digest, limits=self.default_limits)
+            return KeyRecord(name="settings", digest=digest, limits=self.default_limits,
+                             may_pin_kv_profile=self.static_keys_pin_kv_profile)
         now = self.clock()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[1] < KEY_CACHE_S:
@@ -258,17 +265,21 @@ class Authenticator:
 _active: Authenticator | None = None
 
 
-def install(authenticator: Authenticator | None) -> None:
-    global _active
+def install(authenticator: Authenticator | None, metrics_open: bool = True) -> None:
+    """This replica's authenticator (None: keys off); ``metrics_open``: /metrics without a key."""
+    global _active, _open_paths
     _active = authenticator
+    _open_paths = OPEN_PATHS if metrics_open else ("/health",)
 
 
 def active() -> Authenticator | None:
     return _active
 
 
-# Paths anyone may reach: probes and scrapes carry no prompt data.
+# Paths anyone may reach: probes and scrapes carry no prompt data (/metrics needs a key too
+# with auth.metrics_require_key).
 OPEN_PATHS = ("/health", "/metrics")
+_open_paths: tuple[str, ...] = OPEN_PATHS
 
 
 class AuthMiddleware:
@@ -280,7 +291,7 @@ class AuthMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         authenticator = _active
-        if scope["type"] != "http" or authenticator is None or scope["path"].endswith(OPEN_PATHS):
+        if scope["type"] != "http" or authenticator is None or scope["path"].endswith(_open_paths):
             await self.app(scope, receive, send)
             return
         import asyncio

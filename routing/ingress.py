@@ -13,15 +13,24 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from control_plane.settings import TandemSettings, settings_from_dict
 from routing import admission, auth, drain, metrics, serve_router
@@ -42,6 +51,7 @@ from routing.protocol import (
     ErrorResponse,
     HealthResponse,
     ModelList,
+    TooManyValues,
     forwarded_body,
 )
 from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
@@ -99,6 +109,28 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
+# Ray and Serve errors that mean "no replica can take this now" (503, retry) rather than
+# "the replica failed" (502).
+_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, ActorUnavailableError)
+# What a call to a worker replica raises when the replica (or its node) fails: never a 500,
+# which would say the ingress itself is broken.
+WORKER_ERRORS = (RayError, RayServeException)
+
+
+def _worker_error(exc: BaseException, what: str = "worker") -> OpenAIError:
+    """A failed call to a worker as OpenAI's 503 (no replica available now: retry) or 502
+    (the replica failed)."""
+    if isinstance(exc, _UNAVAILABLE):
+        return OpenAIError(503, f"No {what} replica is available; retry shortly ({type(exc).__name__}).",
+                           code="service_unavailable", headers={"Retry-After": "1"})
+    return OpenAIError(502, f"{what} failed: {type(exc).__name__}")
+
+
+def _worker_failure(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("%s %s: a worker call failed: %r", request.method, request.url.path, exc)
+    return _openai_error(request, _worker_error(exc))
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     metrics.count_request(request.url.path, "500")
@@ -116,8 +148,19 @@ _GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 502, 503, 504)
 _SSE = {"text/event-stream": {"schema": {"type": "string", "description": "data: <chunk JSON> events, then data: [DONE]"}}}
 
 
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body of an endpoint that reads and validates its body itself
+    (`_read_body`), for the OpenAPI document: what FastAPI writes for a body parameter."""
+    return {"requestBody": {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+                            "required": True}}
+
+
+_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest)
+
+
 def _openapi() -> dict[str, Any]:
-    """FastAPI's document without its 422 responses: validation errors here are OpenAI's 400."""
+    """FastAPI's document without its 422 responses: validation errors here are OpenAI's 400;
+    with the request models of the endpoints that parse their own bodies."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
@@ -125,16 +168,35 @@ def _openapi() -> dict[str, Any]:
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(_request_schemas())
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            schemas.pop(name, None)
+        schema["components"]["schemas"] = dict(sorted(schemas.items()))
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _request_schemas() -> dict[str, Any]:
+    """The request models' schemas exactly as FastAPI writes them for a body parameter."""
+    from fastapi.openapi.utils import get_openapi
+
+    document = FastAPI()
+    for model in _REQUEST_MODELS:
+        async def endpoint(body):
+            return None
+
+        endpoint.__annotations__ = {"body": model, "return": None}
+        document.post(f"/{model.__name__}")(endpoint)
+    return get_openapi(title="", version="", routes=document.routes)["components"]["schemas"]
 
 
 app.openapi = _openapi  # type: ignore[method-assign]
 app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 app.add_exception_handler(OpenAIError, _openai_error)  # type: ignore[arg-type]
 app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+for _error_class in WORKER_ERRORS:
+    app.add_exception_handler(_error_class, _worker_failure)  # type: ignore[arg-type]
 app.add_exception_handler(Exception, _unexpected_error)
 # Starlette runs the last added middleware first: the key is checked before the body size.
 app.add_middleware(admission.BodyLimitMiddleware)
@@ -152,6 +214,32 @@ def _sse_error(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
 
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
+
+
+async def _read_body(model: type[_Body], http: Request, max_values: int) -> _Body:
+    """The request's body, bounded before it is parsed (routing/protocol.py: parse_body)
+    instead of FastAPI's json.loads of the whole body into Python objects; large bodies are
+    parsed on the ingress's one parsing thread, so at most one is in memory being parsed."""
+    if not _is_json(http.headers.get("content-type")):
+        raise OpenAIError(400, "The request body must be JSON, sent with Content-Type: application/json.")
+    try:
+        raw = await http.body()
+    except ClientDisconnect:
+        raise OpenAIError(499, "the client closed the request") from None
+    try:
+        return await admission.parse(model, raw, max_values)
+    except TooManyValues as exc:
+        raise OpenAIError(413, str(exc)) from None
+    except ValidationError as exc:  # answered as FastAPI's own validation errors are
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 def _authenticator(settings: TandemSettings) -> auth.Authenticator | None:
     if not settings.auth_required:
         return None
@@ -162,6 +250,7 @@ def _authenticator(settings: TandemSettings) -> auth.Authenticator | None:
         static_keys=settings.auth.api_keys,
         default_limits=auth.KeyLimits(limits.requests_per_min, limits.tokens_per_min, limits.max_concurrent),
         quota_fail_open=settings.auth.quota_on_redis_failure == "open",
+        static_keys_pin_kv_profile=settings.auth.api_keys_pin_kv_profile,
     )
 
 
@@ -181,15 +270,30 @@ async def _admit(key: auth.KeyRecord) -> None:
         raise OpenAIError(exc.status, exc.message, code=exc.code, headers=headers) from None
 
 
-def _kv_profile(http: Request) -> str | None:
+def _kv_profile(http: Request, settings: TandemSettings) -> str | None:
     """A compression profile the request pins over the controller's choice (A/B tests,
-    benchmarks); an unknown name is sent uncompressed, a malformed one is a 400."""
+    benchmarks). Ignored while compression is off (every transfer is sent raw); otherwise
+    a caller auth.kv_profile_pinning does not allow gets 403, a malformed name 400, and an
+    unknown one is sent uncompressed."""
     name = http.headers.get(KV_PROFILE_HEADER)
-    if name is None:
+    if name is None or settings.kv_connector.compression.mode == "off":
         return None
     if not _PROFILE_NAME.fullmatch(name):
         raise OpenAIError(400, f"malformed profile name in {KV_PROFILE_HEADER}", param=KV_PROFILE_HEADER)
+    if not may_pin_kv_profile(getattr(http.state, "api_key", None), settings):
+        raise OpenAIError(403, f"This caller may not pin a KV compression profile ({KV_PROFILE_HEADER}).",
+                          param=KV_PROFILE_HEADER, code="kv_profile_not_permitted")
     return name
+
+
+def may_pin_kv_profile(key: auth.KeyRecord | None, settings: TandemSettings) -> bool:
+    """auth.kv_profile_pinning for this caller (``key``: None when keys are off)."""
+    pinning = settings.auth.kv_profile_pinning
+    if pinning == "nobody":
+        return False
+    if pinning == "everyone" or not settings.auth_required:
+        return True
+    return key is not None and key.may_pin_kv_profile
 
 
 def _request_timeout(http: Request, configured_s: float) -> float:
@@ -271,8 +375,12 @@ class Ingress:
         self.colocated = ServePool(colocated) if colocated is not None else None
         self.controller = controller
         self._models_cache: dict[str, Any] | None = None
-        metrics.include_workers(self.settings.redis_url, self.settings.app_name)
-        auth.install(_authenticator(self.settings))
+        metrics.include_workers(self.settings.redis_url, self.settings.app_name,
+                                metrics.link_key(self.settings.kv_connector.auth_secret))
+        auth.install(_authenticator(self.settings), metrics_open=not self.settings.auth.metrics_require_key)
+        self._health_cache: metrics.Cached[tuple[dict[str, Any], int]] = metrics.Cached(
+            self.settings.routing.status_cache_s)
+        self._metrics_cache: metrics.Cached[bytes] = metrics.Cached(self.settings.routing.status_cache_s)
         limits = self.settings.admission
         admission.install_body_limit(limits.max_body_bytes)
         self._gate = admission.AdmissionGate(limits.max_in_flight, limits.max_predicted_ttft_s, limits.retry_after_s)
@@ -290,16 +398,23 @@ class Ingress:
     async def health(self) -> JSONResponse:
         if self._drain.draining:
             return JSONResponse({"status": "draining", "mode": self.mode}, status_code=503)
+        # One check of the pools per routing.status_cache_s, however many probes ask.
+        body, status_code = await self._health_cache.get(self._check_pools)
+        return JSONResponse(body, status_code=status_code)
+
+    async def _check_pools(self) -> tuple[dict[str, Any], int]:
         pools = {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}
-        status: dict[str, str] = {}
-        for name, pool in pools.items():
-            if pool is None:
-                continue
+
+        async def check(pool: ServePool) -> str:
             try:
                 await asyncio.wait_for(pool.handle.check_health.remote(), timeout=10)
-                status[name] = "ok"
+                return "ok"
             except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
-                status[name] = f"unhealthy: {type(exc).__name__}"
+                return f"unhealthy: {type(exc).__name__}"
+
+        named = [(name, pool) for name, pool in pools.items() if pool is not None]
+        results = await asyncio.gather(*(check(pool) for _, pool in named))
+        status = {name: result for (name, _), result in zip(named, results, strict=True)}
         if all(value == "ok" for value in status.values()):
             overall = "ok"
         elif self.mode == "disaggregated" and status.get("decode") == "ok":
@@ -307,14 +422,14 @@ class Ingress:
             overall = "degraded"
         else:
             overall = "unhealthy"
-        return JSONResponse({"status": overall, "mode": self.mode, "pools": status},
-                            status_code=503 if overall == "unhealthy" else 200)
+        return {"status": overall, "mode": self.mode, "pools": status}, 503 if overall == "unhealthy" else 200
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def prometheus(self) -> Response:
-        # Off the event loop: collecting reads the workers' heartbeats from Redis.
-        body = await asyncio.to_thread(metrics.exposition)
+        # Collected at most once per routing.status_cache_s, on the metrics thread (it reads
+        # the workers' heartbeats from Redis).
+        body = await self._metrics_cache.get(metrics.exposition_off_loop)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/admin/compression", responses=_errors(401))
@@ -335,13 +450,17 @@ class Ingress:
         return JSONResponse(self._models_cache)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={200: {"content": _SSE}, **_GENERATION_ERRORS})
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+              responses={200: {"content": _SSE}, **_GENERATION_ERRORS},
+              openapi_extra=_json_body(ChatCompletionRequest))
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _read_body(ChatCompletionRequest, request, self.settings.admission.max_json_values)
         return await self._serve("chat", body, request)
 
     @app.post("/v1/completions", response_model=CompletionResponse,
-              responses={200: {"content": _SSE}, **_GENERATION_ERRORS})
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+              responses={200: {"content": _SSE}, **_GENERATION_ERRORS},
+              openapi_extra=_json_body(CompletionRequest))
+    async def completions(self, request: Request) -> Response:
+        body = await _read_body(CompletionRequest, request, self.settings.admission.max_json_values)
         return await self._serve("completions", body, request)
 
     # ---- orchestration -----------------------------------------------------------------
@@ -382,6 +501,7 @@ class Ingress:
     ) -> Response:
         self._check(request)
         slo_class = self._slo_class(http)
+        kv_profile = _kv_profile(http, self.settings)
         timeout_s = _request_timeout(http, self.settings.routing.request_timeout_s)
         key = getattr(http.state, "api_key", None)
         if key is not None:
@@ -405,7 +525,7 @@ class Ingress:
         tokens = 0
         try:
             response, tokens, handed_to_stream = await self._respond(
-                endpoint, body, prompt_tokens, http, slo_class, lease, timeout_s
+                endpoint, body, prompt_tokens, http, slo_class, lease, timeout_s, kv_profile
             )
             return response
         finally:
@@ -435,16 +555,23 @@ class Ingress:
         slo_class: str,
         lease: _Lease,
         deadline: float,
+        kv_profile: str | None = None,
     ) -> tuple[Response, int, bool]:
         """(response, tokens it used if known now, whether a stream now owns the lease)"""
         started = time.monotonic()
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             async with asyncio.timeout(deadline):
-                replies = await self._start(endpoint, body, slo_class, _kv_profile(http))
+                replies = await self._start(endpoint, body, slo_class, kv_profile)
                 first = await anext(replies, None)
         except TimeoutError:
             raise OpenAIError(504, f"request timed out after {deadline:g}s") from None
+        except WORKER_ERRORS as exc:
+            # The worker replica died (or none is available) before the first chunk: 502/503,
+            # as a proxy answers for its upstream, never the 500 of an ingress bug.
+            log.warning("%s request failed before its first chunk: %r", endpoint, exc)
+            worker = "decode worker" if self.mode == "disaggregated" else "worker"
+            raise _worker_error(exc, worker) from None
         if first is None:
             raise OpenAIError(502, "the decode worker returned nothing")
         if first.kind != CHUNK:

@@ -1,15 +1,29 @@
-"""Prometheus metrics of the ingress, named the way vLLM users expect (``tandem:`` prefix)."""
+"""Prometheus metrics of the ingress, named the way vLLM users expect (``tandem:`` prefix).
+
+`/metrics` is open (Prometheus scrapes it without credentials, as vLLM's and Ray's) unless
+`auth.metrics_require_key`; it never shows where the KV listeners are: every `host:port` in
+a `link` label is replaced by a keyed digest (`link_pseudonym`). A scrape is collected at most
+once per `routing.status_cache_s`, on a thread of its own, with one Redis client.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
 
 import redis
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane.state import list_workers
+from control_plane.state import worker_key
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -100,19 +114,46 @@ CLIENT_DISCONNECTS = Counter(
 )
 
 
+def link_key(secret: str | None) -> bytes:
+    """The key of the link pseudonyms: derived from the cluster's KV secret (the same
+    pseudonyms on every ingress replica and across restarts), else random per process."""
+    if not secret:
+        return os.urandom(32)
+    return hmac.new(secret.encode(), b"tandem metrics link pseudonyms", hashlib.sha256).digest()
+
+
+def link_pseudonym(link: str, key: bytes) -> str:
+    """``prefill host:port->decode host:port`` with each end replaced by ``kv-`` and a keyed
+    digest of it: one series per link as before, no address anyone scraping can read."""
+    return "->".join(
+        "kv-" + hmac.new(key, end.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:12]
+        for end in link.split("->")
+    )
+
+
 class WorkerMetricsCollector:
     """Merges the metric families every live worker publishes on its Redis heartbeat, so
-    one scrape of the ingress sees the whole app (workers have no HTTP server)."""
+    one scrape of the ingress sees the whole app (workers have no HTTP server). One Redis
+    client for the collector's life; `link` labels pseudonymized when given a key."""
 
-    def __init__(self, redis_url: str | None, app_name: str):
-        self._redis_url = redis_url
+    def __init__(self, redis_url: str | None, app_name: str, link_key: bytes | None = None):
         self._app_name = app_name
+        self._link_key = link_key
+        self._client = (redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+                        if redis_url else None)
+
+    def _entries(self) -> list[dict[str, Any]]:
+        assert self._client is not None
+        keys = list(self._client.scan_iter(match=worker_key(self._app_name, "*"), count=500))
+        if not keys:
+            return []
+        return [json.loads(raw) for raw in self._client.mget(keys) if raw]
 
     def collect(self) -> Iterator[Metric]:
-        if not self._redis_url:
+        if self._client is None:
             return
         try:
-            entries = list_workers(self._redis_url, self._app_name)
+            entries = self._entries()
         except (redis.RedisError, OSError, ValueError):
             return  # Redis down: the ingress's own metrics still export
         families: dict[str, Metric] = {}
@@ -121,19 +162,68 @@ class WorkerMetricsCollector:
                 merged = families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
                 )
-                merged.samples.extend(family.samples)
+                if self._link_key is None:
+                    merged.samples.extend(family.samples)
+                    continue
+                for sample in family.samples:
+                    if "link" in sample.labels:
+                        labels = {**sample.labels, "link": link_pseudonym(sample.labels["link"], self._link_key)}
+                        sample = sample._replace(labels=labels)
+                    merged.samples.append(sample)
         yield from families.values()
 
 
 _included: set[tuple[str | None, str]] = set()
 
 
-def include_workers(redis_url: str | None, app_name: str) -> None:
+def include_workers(redis_url: str | None, app_name: str, link_key: bytes | None = None) -> None:
     """Serve the workers' metrics from this process's registry (once per app)."""
     if (redis_url, app_name) not in _included:
-        REGISTRY.register(WorkerMetricsCollector(redis_url, app_name))
+        REGISTRY.register(WorkerMetricsCollector(redis_url, app_name, link_key))
         _included.add((redis_url, app_name))
 
 
 def exposition() -> bytes:
     return generate_latest(REGISTRY)
+
+
+_collector_thread: ThreadPoolExecutor | None = None
+
+
+async def exposition_off_loop() -> bytes:
+    """`exposition` on a thread of its own: collecting reads Redis, and must neither block
+    the event loop nor queue behind (or hold up) API-key checks in the default executor."""
+    global _collector_thread
+    if _collector_thread is None:
+        _collector_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-metrics")
+    return await asyncio.get_running_loop().run_in_executor(_collector_thread, exposition)
+
+
+_T = TypeVar("_T")
+
+
+class Cached(Generic[_T]):
+    """One value, recomputed at most once per ``ttl_s``: callers within it get the last
+    value, callers during a recomputation share it (N concurrent probes, one computation).
+    A computation that fails is not kept; its callers get the error."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._value: _T | None = None
+        self._at: float | None = None
+        self._pending: asyncio.Future[_T] | None = None
+
+    async def get(self, compute: Callable[[], Awaitable[_T]]) -> _T:
+        if self._pending is None:
+            if self._at is not None and self._clock() - self._at < self.ttl_s:
+                return self._value  # type: ignore[return-value]
+            self._pending = asyncio.ensure_future(compute())
+            self._pending.add_done_callback(self._done)
+        # Shielded: a caller that goes away does not cancel the others' computation.
+        return await asyncio.shield(self._pending)
+
+    def _done(self, task: asyncio.Future[_T]) -> None:
+        self._pending = None
+        if not task.cancelled() and task.exception() is None:
+            self._value, self._at = task.result(), self._clock()

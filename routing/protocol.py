@@ -3,13 +3,33 @@
 They mirror OpenAI's Chat Completions and Completions APIs plus the vLLM sampling extras
 Tandem forwards. Unknown fields are rejected (400), as OpenAI does, instead of being silently
 ignored; vLLM re-validates the forwarded body against its own models on the worker.
+
+A body is bounded before it is parsed (`parse_body`): its JSON values are counted in a few
+passes over its bytes, without building anything, and a body with more than
+`admission.max_json_values` is refused before the parser makes an object of it; then
+pydantic-core parses and validates the bytes itself (`model_validate_json`: no intermediate
+dicts of Python's json module, nesting deeper than 200 refused). The lists below have hard
+caps (`max_length`), the most any setting may allow; `admission.max_messages` and
+`max_prompts`, the operator's knobs, are checked by the ingress under them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Hard caps of the request models (admission settings may only lower them).
+MAX_MESSAGES = 2048  # messages in one chat
+MAX_CONTENT_PARTS = 1024  # content parts of one message
+MAX_PROMPTS = 2048  # prompts in one batched /v1/completions body
+MAX_PROMPT_TOKENS = 1 << 20  # token ids of one prompt
+MAX_STOP = 4  # stop sequences (OpenAI's limit)
+MAX_LOGIT_BIAS = 1024  # logit_bias entries
+MAX_TOOLS = 128  # tools (OpenAI's limit)
+MAX_N = 16  # choices per request
+# JSON values in one body: the most admission.max_json_values may allow.
+MAX_JSON_VALUES = 1 << 22
 
 
 class _Forbid(BaseModel):
@@ -21,6 +41,16 @@ class StreamOptions(_Forbid):
     continuous_usage_stats: bool | None = None
 
 
+def _at_most(value: Any, limit: int, what: str) -> Any:
+    """A list longer than ``limit`` is refused (for fields whose type is a union, where a
+    `max_length` error would name the union's member instead of the field). An after-check:
+    a before-validator would make a Python copy of the whole JSON input first, and the body's
+    JSON values are already bounded before parsing."""
+    if isinstance(value, list) and len(value) > limit:
+        raise ValueError(f"at most {limit} {what}, got {len(value)}")
+    return value
+
+
 class ChatMessage(BaseModel):
     # Content parts, tool calls and names vary by role and model; vLLM checks the details.
     model_config = ConfigDict(extra="allow")
@@ -29,20 +59,25 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _content_parts_bounded(cls, value: Any) -> Any:
+        return _at_most(value, MAX_CONTENT_PARTS, "content parts")
+
 
 class _SamplingFields(_Forbid):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=16)
+    n: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
     # vLLM sampling extras
     top_k: int | None = Field(None, ge=-1)
@@ -54,19 +89,17 @@ class _SamplingFields(_Forbid):
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
+    def _at_most_four_stops(cls, value: Any) -> Any:
+        return _at_most(value, MAX_STOP, "stop sequences")
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -84,18 +117,96 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_empty(cls, value: Any) -> Any:
+    def _prompt_not_empty_and_bounded(cls, value: Any) -> Any:
         if isinstance(value, (str, list)) and len(value) == 0:
             raise ValueError("prompt must not be empty")
-        return value
+        if isinstance(value, list) and isinstance(value[0], (str, list)):
+            _at_most(value, MAX_PROMPTS, "prompts")
+            for one in value:
+                _at_most(one, MAX_PROMPT_TOKENS, "token ids in a prompt")
+            return value
+        return _at_most(value, MAX_PROMPT_TOKENS, "token ids in a prompt")
 
     def output_budget(self) -> int | None:
         return self.max_tokens
 
 
 def forwarded_body(request: _SamplingFields) -> dict[str, Any]:
-    """What goes to the engine: only the fields the client set."""
-    return request.model_dump(mode="json", exclude_unset=True)
+    """What goes to the engine: only the fields the client set (as
+    ``model_dump(mode="json", exclude_unset=True)``), sharing the free-form parts (content
+    parts, tools, schemas: already plain JSON values) instead of copying them."""
+    return _plain(request)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        set_fields = value.model_fields_set
+        fields = {name: _plain(getattr(value, name)) for name in type(value).model_fields if name in set_fields}
+        return {**fields, **(value.__pydantic_extra__ or {})}
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return [_plain(item) for item in value]
+    return value
+
+
+# ---- bounding a body before it is parsed
+
+_Request = TypeVar("_Request", bound=BaseModel)
+_BOM = b"\xef\xbb\xbf"
+_SCAN_CHUNK = 1 << 20
+_QUOTE, _COMMA, _OPEN_BRACE, _OPEN_BRACKET = b'"'[0], b","[0], b"{"[0], b"["[0]
+
+
+class TooManyValues(ValueError):
+    """A body with more JSON values than the limit (refused before it is parsed)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"Request body too complex: more than {limit} JSON values.")
+        self.limit = limit
+
+
+def json_values_bound(raw: bytes, limit: int) -> int:
+    """An upper bound on the JSON values in ``raw`` without parsing it: 1 + the commas and
+    opening brackets outside strings (each container holds its commas + 1 values; exact for
+    a valid document but for one per empty container). Counting stops once past ``limit``.
+
+    Costs a few C-speed passes over the bytes and, only for bodies whose raw counts are past
+    the limit, two copies of them and a chunk's worth of numpy arrays. A malformed body can
+    be miscounted only past its first error, where the parser stops anyway.
+    """
+    count = raw.count(b",") + raw.count(b"{") + raw.count(b"[") + 1
+    if count <= limit:
+        return count  # separators inside strings counted too: still an upper bound
+    import numpy as np
+
+    if b"\\" in raw:
+        # Escapes out of the way, paired left to right as a JSON parser pairs them (an escaped
+        # backslash, then an escaped quote), so that every quote left opens or closes a string.
+        raw = raw.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    data = np.frombuffer(raw, dtype=np.uint8)
+    count, inside = 1, False
+    for start in range(0, len(data), _SCAN_CHUNK):
+        chunk = data[start:start + _SCAN_CHUNK]
+        # True inside a string (its opening quote included, its closing quote not).
+        in_string = np.logical_xor.accumulate(chunk == _QUOTE)
+        if inside:
+            np.logical_not(in_string, out=in_string)
+        inside = bool(in_string[-1])
+        separators = (chunk == _COMMA) | (chunk == _OPEN_BRACE) | (chunk == _OPEN_BRACKET)
+        separators &= ~in_string
+        count += int(np.count_nonzero(separators))
+        if count > limit:
+            break
+    return count
+
+
+def parse_body(model: type[_Request], raw: bytes, max_values: int) -> _Request:
+    """Bound, parse and validate a request body; raises TooManyValues or pydantic's
+    ValidationError (errors of type ``json_invalid`` for what is not JSON)."""
+    if raw.startswith(_BOM):  # Python's json accepted it; pydantic-core's parser does not
+        raw = raw[len(_BOM):]
+    if json_values_bound(raw, max_values) > max_values:
+        raise TooManyValues(max_values)
+    return model.model_validate_json(raw)
 
 
 # ---- response shapes (the OpenAPI document the ingress serves; clients and the fuzz tests

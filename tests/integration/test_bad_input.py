@@ -28,6 +28,13 @@ CASES = [
     ("completion-too-long", "/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 4}, 400, None),
     ("completion-empty-prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("n-in-disaggregated-mode", CHAT, {"model": MODEL, "messages": MSG, "n": 2}, 400, "n"),
+    # Bounded before parsing (admission.max_json_values, 262,144 by default): 413.
+    ("too-many-json-values", CHAT, {"model": MODEL, "messages": [{"role": "user"}] * 140_000}, 413, None),
+    # admission.max_messages (512), then the request model's hard cap (2048).
+    ("over-max-messages", CHAT, {"model": MODEL, "messages": MSG * 513}, 400, "messages"),
+    ("past-messages-hard-cap", CHAT, {"model": MODEL, "messages": MSG * 2049}, 400, "messages"),
+    ("too-many-content-parts", CHAT, {"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x"}] * 1025}]}, 400, "messages.0.content"),
 ]
 
 

@@ -41,6 +41,18 @@ def test_settings_keys_and_stored_keys(redis_url):
         assert err.value.status == 401
 
 
+def test_the_kv_profile_permission_is_stored_with_the_key(redis_url):
+    store = KeyStore(redis_url, "app")
+    bench, _ = store.create("bench", KeyLimits(), may_pin_kv_profile=True)
+    plain, _ = store.create("app", KeyLimits())
+    auth = Authenticator("app", redis_url, static_keys=["tk-from-secret"])
+    assert auth.authenticate(f"Bearer {bench}").may_pin_kv_profile
+    assert not auth.authenticate(f"Bearer {plain}").may_pin_kv_profile
+    assert not auth.authenticate("Bearer tk-from-secret").may_pin_kv_profile
+    allowed = Authenticator("app", None, static_keys=["tk-from-secret"], static_keys_pin_kv_profile=True)
+    assert allowed.authenticate("Bearer tk-from-secret").may_pin_kv_profile
+
+
 def test_revoked_keys_stop_working_after_the_cache(redis_url):
     clock = Clock()
     store = KeyStore(redis_url, "app")

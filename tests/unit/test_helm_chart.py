@@ -107,12 +107,14 @@ REDIS_OPEN = {"redis": {"internal": {"auth": {"enabled": False}}}, "networkPolic
 EVERYTHING_ON = {
     "ingress": {"enabled": True, "className": "nginx", "tls": [{"hosts": ["llm.example.local"], "secretName": "tls"}],
                 "hosts": [{"host": "llm.example.local", "paths": [{"path": "/", "pathType": "Prefix"}]}]},
-    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"},
+                       "bearerTokenSecret": {"name": "my-keys", "key": "key"}},
     "auth": {"existingSecret": "my-keys", "existingSecretKey": "key"},
     "redis": {"internal": {"persistence": {"enabled": False}}},
     "gcsFaultTolerance": {"enabled": True},
     "tandem": {"route_prefix": "/llm", "routing": {"prefill_router": "prefix_tree",
-                                                    "prefill_router_options": {"cache_threshold": 0.5}}},
+                                                    "prefill_router_options": {"cache_threshold": 0.5}},
+               "auth": {"metrics_require_key": True}},
     "extraVolumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
     "extraVolumeMounts": [{"name": "models", "mountPath": "/models"}],
     "extraEnv": [{"name": "HF_HOME", "value": "/models"}],
@@ -511,6 +513,14 @@ def test_selectors_match_pods(variant):
         settings = settings_from_rayservice(rayservice)
         assert endpoint["path"] == settings.route_prefix.rstrip("/") + "/metrics"
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        # With /metrics behind the API keys, Prometheus sends one from the named Secret.
+        token = values["serviceMonitor"]["bearerTokenSecret"]
+        if settings.auth.metrics_require_key:
+            assert token, "auth.metrics_require_key without serviceMonitor.bearerTokenSecret"
+        if token:
+            assert endpoint["authorization"] == {"type": "Bearer", "credentials": token}
+        else:
+            assert "authorization" not in endpoint
     else:
         assert not [d for d in docs if d["kind"] == "ServiceMonitor"]
 
@@ -766,6 +776,7 @@ def test_schema_is_generated_from_the_settings_model():
         ({"networkPolicy": {"dashboard": {"from": {"ipBlock": {"cidr": "10.0.0.0/8"}}}}}, "at '/networkPolicy/dashboard/from'"),
         ({"networkPolicy": {"kubeRayOperator": {"namespace": "Ray System"}}}, "at '/networkPolicy/kubeRayOperator/namespace'"),
         ({"networkPolicy": {"kubeRayOperator": {"podLabels": {"tier": 5}}}}, "at '/networkPolicy/kubeRayOperator/podLabels/tier'"),
+        ({"serviceMonitor": {"bearerTokenSecret": {"name": "my-keys"}}}, "at '/serviceMonitor/bearerTokenSecret'"),
     ],
     ids=[
         "negative-replicas", "unknown-transport", "misspelt-section", "unknown-router",
@@ -773,6 +784,7 @@ def test_schema_is_generated_from_the_settings_model():
         "bad-quantity", "unknown-redis-mode", "non-redis-url", "address-not-host-port",
         "empty-image", "misspelt-top-level", "empty-redis-secret-key", "misspelt-peer",
         "peers-not-a-list", "operator-namespace-not-a-name", "operator-label-not-a-string",
+        "bearer-token-without-key",
     ],
 )
 def test_schema_rejects_bad_values(chart, values, message):
