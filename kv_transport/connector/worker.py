@@ -403,6 +403,12 @@ class _Pull:
             raise WireFormatError(f"{header.raw_nbytes} raw bytes for {header.num_blocks} blocks")
         if header.codec.id == IDENTITY and not header.streamed and header.payload_nbytes != header.raw_nbytes:
             raise WireFormatError("an uncompressed payload must be its raw size")
+        if not header.streamed and any(
+            info.nbytes > header.chunk_limit(index) for index, info in enumerate(header.buffers)
+        ):
+            # A compressed layer is never much larger than its raw bytes (as a streamed
+            # chunk is bounded on arrival).
+            raise WireFormatError("a compressed layer larger than its raw size can encode to")
 
     def into(self, header: TransferHeader) -> list[memoryview] | None:
         """Where the payload lands: the allocated blocks themselves, or (None) a staging

@@ -371,11 +371,6 @@ def test_a_streamed_chunk_beyond_its_layer_is_refused_before_allocation(make_wor
     assert record["error"].startswith("WireFormatError") and "exceeds" in record["error"], record["error"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: _Pull.expect bounds an uncompressed payload by its raw size and a streamed "
-    "chunk by its layer's, but not a whole (unstreamed) compressed payload: the transport "
-    "allocates the announced payload_nbytes (up to MAX_PAYLOAD_BYTES, 64 GiB)"
-))
 def test_a_whole_compressed_payload_beyond_its_raw_size_is_refused_before_allocation(make_worker):
     decode = make_worker(2)
     per_layer = len(SEND_IDS) * _block_nbytes_per_layer(decode)
