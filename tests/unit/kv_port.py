@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from typing import Any
 
 from kv_transport.transport.control import SMALL
@@ -31,3 +32,14 @@ def raw_request(address: dict[str, Any], body: Any, timeout_s: float = 10.0) -> 
     with socket.create_connection((address["host"], address["port"]), timeout=timeout_s) as sock:
         sock.sendall(body if isinstance(body, bytes) and body[:4] == b"TKVQ" else frame(body))
         return read_reply(sock)
+
+
+def eventually(predicate, timeout_s: float = 15.0) -> bool:
+    """Whether ``predicate`` becomes true within ``timeout_s`` (a bound on a wait, never a
+    claim about speed)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

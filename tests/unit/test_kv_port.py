@@ -21,18 +21,9 @@ from kv_transport.transport.control import ControlRequest, FetchRequest, KVAuth,
 from kv_transport.transport.nixl import NixlTransport, _parse_describe
 from kv_transport.transport.tcp import TcpTransport
 from kv_transport.wire import BufferInfo, TransferHeader, checksum
-from tests.unit.kv_port import frame, raw_request, read_reply
+from tests.unit.kv_port import eventually, frame, raw_request, read_reply
 
 SECRET = b"a-cluster-kv-secret"
-
-
-def _eventually(predicate, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _header(buffers: list[bytes], transfer_id: str) -> TransferHeader:
@@ -81,7 +72,7 @@ def test_a_request_with_a_bad_field_is_refused_at_once(pair, field, value):
     assert reply is not None and reply["code"] in ("bad_request", "version")
     # Nothing was taken: the real puller still gets it.
     header, _ = client.fetch(server.address, FetchRequest("kept"))
-    assert header.payload_nbytes == 100 and _eventually(lambda: done == ["pulled"])
+    assert header.payload_nbytes == 100 and eventually(lambda: done == ["pulled"])
 
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b'"pull"', b"{not json", b"\xff\xfe", json.dumps({"op": "pull", "extra": 1}).encode()])
@@ -124,7 +115,7 @@ def test_the_mac_covers_every_field():
             reply = raw_request(server.address, {**signed, field: value})
             assert reply is not None and reply["code"] == "unauthorized", field
         header, _ = client.fetch(server.address, FetchRequest("guarded"))
-        assert header.payload_nbytes == 100 and _eventually(lambda: done == ["pulled"])
+        assert header.payload_nbytes == 100 and eventually(lambda: done == ["pulled"])
     finally:
         server.close()
         client.close()
@@ -230,7 +221,7 @@ def test_idle_strangers_cost_a_bounded_number_of_threads_and_are_cut_off():
             except OSError:
                 closed += 1
         assert closed == len(strangers)
-        assert _eventually(lambda: _conn_threads() == before)
+        assert eventually(lambda: _conn_threads() == before)
         _publish(server, "served", [b"kv"])
         assert bytes(client.fetch(server.address, FetchRequest("served"))[1][0]) == b"kv"
     finally:
@@ -298,7 +289,7 @@ def test_a_puller_that_stops_reading_cannot_pin_the_blocks_past_their_ttl():
         with socket.create_connection((server.host, server.port), timeout=30) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(ControlRequest(op="pull", transfer_id="big", timeout_s=600.0).encode(None))
-            assert _eventually(lambda: done == ["send_failed"], timeout_s=30)
+            assert eventually(lambda: done == ["send_failed"], timeout_s=30)
     finally:
         server.close()
 

@@ -26,7 +26,7 @@ from kv_transport.wire import (
     split_payload,
     verify,
 )
-from tests.unit.kv_port import raw_request
+from tests.unit.kv_port import eventually, raw_request
 
 
 def _header(buffers: list[bytes], transfer_id: str = "t1") -> TransferHeader:
@@ -88,15 +88,6 @@ def test_checksum_detects_a_flipped_byte():
         verify(header, buffers)
 
 
-def _eventually(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def _fetch(transport, address, transfer_id, *, limiter=None, into=None, landed=None, **request):
     return transport.fetch(address, FetchRequest(transfer_id, **request), limiter=limiter, into=into, landed=landed)
 
@@ -146,7 +137,7 @@ def test_a_puller_that_holds_leading_blocks_gets_only_the_rest(transports):
     views = split_payload(header, received[0])
     verify(header, views)
     assert [bytes(v) for v in views] == [layer[5 * 1024 :] for layer in layers]
-    assert _eventually(lambda: done == ["pulled"])
+    assert eventually(lambda: done == ["pulled"])
 
 
 def test_a_bad_skip_is_refused_and_the_publication_survives():
@@ -159,7 +150,7 @@ def test_a_bad_skip_is_refused_and_the_publication_survives():
         assert raw_request(server.address, body)["code"] == "bad_request"  # nor a hand-made request
         header, _ = _fetch(client, server.address, "kept")  # still there for a proper pull
         assert header.payload_nbytes == 100
-        assert _eventually(lambda: done == [("kept", "pulled")])
+        assert eventually(lambda: done == [("kept", "pulled")])
     finally:
         server.close()
         client.close()
@@ -176,7 +167,7 @@ def test_round_trip_multi_buffer_payloads(transports, sizes):
     verify(header, views)
     assert [len(v) for v in views] == sizes
     assert bytes(views[-1][:256]) == buffers[-1][:256]
-    assert _eventually(lambda: done == [("big", "pulled")])
+    assert eventually(lambda: done == [("big", "pulled")])
 
 
 def test_each_buffer_is_reported_as_it_lands(transports):
@@ -210,7 +201,7 @@ def test_a_landed_callback_that_refuses_ends_the_pull(transports):
 
     with pytest.raises(ValueError):
         _fetch(client, server.address, "refused", landed=landed)
-    assert _eventually(lambda: len(done) == 1)
+    assert eventually(lambda: len(done) == 1)
 
 
 def test_transfers_are_single_use_and_unknown_ids_fail_cleanly(transports):
@@ -237,7 +228,7 @@ def test_release_frees_a_publication_early(transports):
     server, client = transports
     done = _publish(server, "unwanted", [b"x" * 10], ttl_s=60)
     client.release(server.address, "unwanted")
-    assert _eventually(lambda: done == [("unwanted", "released")])
+    assert eventually(lambda: done == [("unwanted", "released")])
     with pytest.raises(TransferError):
         client.release(server.address, "unwanted", timeout_s=1)  # single use
 
@@ -245,7 +236,7 @@ def test_release_frees_a_publication_early(transports):
 def test_ttl_expiry_reports_undelivered(transports):
     server, _ = transports
     done = _publish(server, "never", [b"x"], ttl_s=0.2)
-    assert _eventually(lambda: done == [("never", "expired")])
+    assert eventually(lambda: done == [("never", "expired")])
     assert len(server.store) == 0
 
 
@@ -339,7 +330,7 @@ def test_a_streamed_publication_arrives_whole_on_every_transport(transports):
     assert [b.nbytes for b in received_header.buffers] == [len(b) for b in buffers]
     verify(received_header, received)
     assert received_header.codec.params["encode_s"] >= 0.15
-    assert _eventually(lambda: done == ["pulled"])
+    assert eventually(lambda: done == ["pulled"])
     if isinstance(client, (NixlTransport, CollectiveTransport)):
         assert not received_header.streamed  # made whole before sending
         return
@@ -361,7 +352,7 @@ def test_a_publisher_failing_mid_stream_tells_the_puller():
         with pytest.raises(TransferError, match="codec exploded") as err:
             _fetch(client, server.address, "half")
         assert err.value.code == "publish_failed"
-        assert _eventually(lambda: done == ["send_failed"])
+        assert eventually(lambda: done == ["send_failed"])
         # The link still serves the next transfer.
         _publish(server, "next", [b"kv"])
         assert bytes(_fetch(client, server.address, "next")[1][0]) == b"kv"
@@ -491,7 +482,7 @@ def test_requests_without_the_cluster_secret_get_nothing(kind):
             assert err.value.code == "unauthorized"
         header, _ = _fetch(peer, server.address, "guarded")
         assert header.payload_nbytes == 4096
-        assert _eventually(lambda: done == [("guarded", "pulled")])
+        assert eventually(lambda: done == [("guarded", "pulled")])
     finally:
         for transport in (server, stranger, wrong, peer):
             transport.close()
