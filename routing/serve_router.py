@@ -100,12 +100,22 @@ def prefix_key_of(body: dict[str, Any], shared: str, prefix_chars: int) -> bytes
     return text_prefix_key(shared, prefix_chars)
 
 
-def route_request(pending_request: PendingRequest, prefix_chars: int, with_blocks: bool) -> RouteRequest:
+def call_key(pending_request: PendingRequest) -> str:
+    """One handle call. Serve gives every call made while serving one HTTP request that
+    request's internal id (a batch's prompts, a request's prefill and its decode), so the
+    id alone does not tell concurrent calls apart; the pending request object does (Serve
+    keeps it across the retries of one call)."""
+    return f"{pending_request.metadata.internal_request_id}#{id(pending_request)}"
+
+
+def route_request(
+    pending_request: PendingRequest, prefix_chars: int, with_blocks: bool, request_id: str | None = None
+) -> RouteRequest:
     shared, whole = request_text(pending_request)
     body = request_body(pending_request) or {}
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     return RouteRequest(
-        request_id=pending_request.metadata.internal_request_id,
+        request_id=request_id or call_key(pending_request),
         prefix_key=prefix_key_of(body, shared, prefix_chars),
         prompt_tokens=max(1, len(whole) // CHARS_PER_TOKEN),
         prefix_tokens=max(1, len(shared) // CHARS_PER_TOKEN),
@@ -123,6 +133,7 @@ class _Waiting:
 
 @dataclass
 class _InFlight:
+    key: str  # the call (call_key): what the policy knows it by
     replica: str
     uncached_tokens: int
     output_tokens: int
@@ -163,7 +174,9 @@ class TandemRequestRouter(RequestRouter):
         # Requests with a decision, not yet accepted by a replica (waiting here or about to
         # be sent). Bounded: a request cancelled while waiting is never routed.
         self._waiting: OrderedDict[str, _Waiting] = OrderedDict()
-        self._in_flight: dict[str, _InFlight] = {}
+        # By Serve's internal request id, which the calls of one HTTP request share: its
+        # calls in flight, oldest first.
+        self._in_flight: dict[str, list[_InFlight]] = {}
         self._queued_tokens: dict[str, int] = {}
         self._running: dict[str, int] = {}
         self._decode_tokens: dict[str, int] = {}
@@ -238,14 +251,15 @@ class TandemRequestRouter(RequestRouter):
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = self._loads(by_id)
-        request_id = pending_request.metadata.internal_request_id
+        request_id = call_key(pending_request)
         waiting = self._waiting.get(request_id)
         if waiting is not None and waiting.decision.instance in by_id:
             # A retry: the replica it was sent to was full. It is now waiting here, as are
             # the others chosen for that replica: a chance to move them off a hotspot.
             self._rebalance(waiting.decision.instance, loads)
             return [[by_id[self._waiting[request_id].decision.instance]]]
-        request = waiting.request if waiting else route_request(pending_request, self._prefix_chars, self._with_blocks)
+        request = waiting.request if waiting else route_request(
+            pending_request, self._prefix_chars, self._with_blocks, request_id)
         try:
             decision = self.policy.route(request, loads)
         except LookupError:
@@ -266,16 +280,16 @@ class TandemRequestRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         rid = replica_id.unique_id
-        request_id = pending_request.metadata.internal_request_id
-        waiting = self._waiting.pop(request_id, None)
+        key = call_key(pending_request)
+        waiting = self._waiting.pop(key, None)
         if waiting is None:
             return  # not a generate call
         decision = waiting.decision
         if decision.instance != rid:  # Serve sent it elsewhere (the pool changed meanwhile)
             decision = Decision(rid, decision.reason, 0.0, waiting.request.prompt_tokens)
         self.policy.on_routed(waiting.request, decision)
-        self._in_flight[request_id] = _InFlight(
-            rid, decision.uncached_tokens, waiting.request.output_tokens, time.monotonic()
+        self._in_flight.setdefault(pending_request.metadata.internal_request_id, []).append(
+            _InFlight(key, rid, decision.uncached_tokens, waiting.request.output_tokens, time.monotonic())
         )
         self._queued_tokens[rid] = self._queued_tokens.get(rid, 0) + decision.uncached_tokens
         self._running[rid] = self._running.get(rid, 0) + 1
@@ -283,15 +297,20 @@ class TandemRequestRouter(RequestRouter):
         self._publish_load(rid)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
-        done = self._in_flight.pop(internal_request_id, None)
-        if done is None:
+        calls = self._in_flight.get(internal_request_id)
+        if not calls:
             return  # rejected by a full replica, or not a generate call
+        # Calls of one HTTP request on one replica are alike to the accounting: the oldest.
+        rid = getattr(replica_id, "unique_id", replica_id)
+        done = calls.pop(next((i for i, call in enumerate(calls) if call.replica == rid), 0))
+        if not calls:
+            del self._in_flight[internal_request_id]
         rid = done.replica
         self._queued_tokens[rid] = max(0, self._queued_tokens.get(rid, 0) - done.uncached_tokens)
         self._running[rid] = max(0, self._running.get(rid, 0) - 1)
         self._decode_tokens[rid] = max(0, self._decode_tokens.get(rid, 0) - done.output_tokens)
         ttft = time.monotonic() - done.routed_at if self._observe_ttft else None
-        self.policy.on_completed(internal_request_id, rid, ttft)
+        self.policy.on_completed(done.key, rid, ttft)
         self._publish_load(rid)
 
     def on_replica_actor_died(self, replica_id: Any) -> None:

@@ -221,3 +221,25 @@ def test_a_router_shipped_by_value_still_registers_where_the_ingress_looks():
     result = subprocess.run([sys.executable, "-c", _LOAD_SHIPPED_ROUTER], input=shipped, capture_output=True,
                             check=False, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+async def test_calls_of_one_http_request_are_routed_and_accounted_apart():
+    """Serve gives every handle call made while serving one HTTP request that request's
+    internal id: a batch's prompts go to prefill at once under one id. Each is its own
+    decision (not taken for a retry of another) and each completion settles one call."""
+    router = _router(observe_ttft=True)
+    replicas = [_replica(f"r{i}") for i in range(2)]
+    calls = [_request("sys " * 100, f"prompt {i}", "one-http-request") for i in range(4)]
+    for call in calls:  # all decided before any is accepted, as concurrent calls are
+        ranks = await router.choose_replicas(replicas, call)
+        assert len(ranks[0]) == 1
+    chosen = []
+    for call in calls:
+        ranks = await router.choose_replicas(replicas, call)  # what Serve does on a retry
+        router.on_request_routed(call, ranks[0][0].replica_id, None)
+        chosen.append(ranks[0][0].replica_id)
+    assert sum(router._running.values()) == 4 and not router._waiting
+    for replica_id in chosen:
+        router.on_request_completed(replica_id, "one-http-request")
+    assert sum(router._running.values()) == 0 and sum(router._queued_tokens.values()) == 0
+    assert not router._in_flight and not router.policy._routed
