@@ -7,6 +7,7 @@ streams the answer back as SSE. Every error a client can cause comes back OpenAI
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -337,15 +338,34 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, text // 4)
 
 
-class ServePool:
-    """A worker deployment seen through its Serve handle (streaming calls)."""
+async def _call_apart(handle: DeploymentHandle, endpoint: str, body: dict[str, Any]) -> Any:
+    return handle.generate.remote(endpoint, body)
 
-    def __init__(self, handle: DeploymentHandle):
+
+class ServePool:
+    """A worker deployment seen through its Serve handle (streaming calls).
+
+    ``separate_calls``: each call is a Serve request of its own. Serve gives every call
+    made while serving one HTTP request that request's internal id, and its router indexes
+    pending calls by that id: concurrent calls of one HTTP request to one deployment (a
+    batch's prompts) are taken for one another and never assigned. A call made from an
+    empty context gets an id of its own."""
+
+    def __init__(self, handle: DeploymentHandle, separate_calls: bool = False):
         self.handle = handle
         self._stream = handle.options(stream=True)
+        self._separate_calls = separate_calls
+
+    def separately(self) -> ServePool:
+        return ServePool(self.handle, separate_calls=True)
 
     async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[WorkerReply]:
-        gen = self._stream.generate.remote(endpoint, body)
+        if self._separate_calls:
+            gen = await asyncio.create_task(
+                _call_apart(self._stream, endpoint, body), context=contextvars.Context()
+            )
+        else:
+            gen = self._stream.generate.remote(endpoint, body)
         finished = False
         try:
             async for reply in gen:
@@ -615,24 +635,32 @@ class Ingress:
             return self.colocated.stream(endpoint, body)
         prompts = batch_prompts(endpoint, body)
         if prompts is not None:
-            # One prefill and one decode per prompt: a prefill answers with the KV of its
-            # first prompt only.
+            # One prefill and one decode per prompt (a prefill answers with the KV of its
+            # first prompt only), all at once, each its own Serve call.
+            assert self.prefill is not None and self.decode is not None
+            pools = (self.prefill.separately(), self.decode.separately())
             return run_batch(
-                [self._start_one(endpoint, one, slo_class, kv_profile) for one in split_batch(body, prompts)],
+                [self._start_one(endpoint, one, slo_class, kv_profile, pools) for one in split_batch(body, prompts)],
                 n=int(body.get("n") or 1),
             )
         return await self._start_one(endpoint, body, slo_class, kv_profile)
 
     async def _start_one(
-        self, endpoint: str, body: dict[str, Any], slo_class: str, kv_profile: str | None = None
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        slo_class: str,
+        kv_profile: str | None = None,
+        pools: tuple[ServePool, ServePool] | None = None,
     ) -> AsyncIterator[WorkerReply]:
         assert self.prefill is not None and self.decode is not None
+        prefill_pool, decode_pool = pools or (self.prefill, self.decode)
         prefill_started = time.monotonic()
         # An empty prefill pool means replicas died, never "scaled to zero" (settings require
         # at least one): decode serves instead of waiting for a replacement engine.
         router = serve_router.router_for(self.settings.app_name, self._first_pool)
         prefill = await run_prefill_watched(
-            self.prefill, endpoint, body, slo_class, kv_profile,
+            prefill_pool, endpoint, body, slo_class, kv_profile,
             pool_has_replicas=(lambda: router.replica_count() > 0) if router is not None else None,
         )
         metrics.PREFILL_SECONDS.observe(time.monotonic() - prefill_started)
@@ -644,7 +672,7 @@ class Ingress:
                 raise OpenAIError(502, f"prefill failed: {prefill.reason}")
             log.warning("prefill failed (%s); decode recomputes the prompt", prefill.reason)
             metrics.RECOMPUTES.labels(prefill.reason.split(":")[0][:64]).inc()
-        return self.decode.stream(endpoint, decode_body(body, prefill))
+        return decode_pool.stream(endpoint, decode_body(body, prefill))
 
     async def _sse(
         self,

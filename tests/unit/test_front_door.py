@@ -435,3 +435,58 @@ async def test_cached_values_are_shared_and_expire():
     with pytest.raises(RuntimeError):
         await cache.get(fail)
     assert await cache.get(compute) == 3  # a failure is not kept
+
+
+# ---- batched prompts ------------------------------------------------------------------------
+
+
+@dataclass
+class EchoHandle(FakeHandle):
+    """A pool whose replies depend on the call: prefill names a transfer after its prompt,
+    decode answers with the transfer it was handed. Records the Serve request context each
+    call was made in."""
+
+    role: str = "prefill"
+    contexts: list[Any] = field(default_factory=list)
+
+    @property
+    def generate(self) -> SimpleNamespace:
+        def remote(endpoint: str, body: dict[str, Any]) -> FakeStream:
+            from ray.serve import context as serve_context
+
+            self.contexts.append(serve_context._serve_request_context.get())
+            self.calls.append((endpoint, body))
+            if self.role == "prefill":
+                params = {"do_remote_prefill": True, "tandem": {"transfer_id": body["prompt"]}}
+                return FakeStream([WorkerReply(RESPONSE, {"kv_transfer_params": params})], None)
+            text = body["kv_transfer_params"]["tandem"]["transfer_id"].upper()
+            answer = {"id": f"cmpl-{text}", "object": "text_completion", "created": 1, "model": MODEL,
+                      "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
+                      "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+            return FakeStream([WorkerReply(RESPONSE, answer)], None)
+
+        return SimpleNamespace(remote=remote)
+
+
+async def test_each_prompt_of_a_batch_is_its_own_prefill_decode_and_serve_call(front_door):
+    from ray.serve import context as serve_context
+
+    prefill, decode = EchoHandle(role="prefill"), EchoHandle(role="decode")
+    client = await front_door({}, prefill=prefill, decode=decode)
+    # As in a replica: the HTTP request's Serve context, which calls inherit.
+    serve_context._serve_request_context.set(serve_context._RequestContext(_internal_request_id="http-1"))
+    try:
+        response = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["ab", "cd", "ef"],
+                                                                "max_tokens": 1})
+        single = await client.post("/v1/completions", json={"model": MODEL, "prompt": "gh", "max_tokens": 1})
+    finally:
+        serve_context._serve_request_context.set(None)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "AB"), (1, "CD"), (2, "EF")]
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert single.json()["choices"][0]["text"] == "GH"
+    # The batch's calls were made outside the HTTP request's Serve context (each gets an
+    # id of its own from Serve); a single prompt's calls inside it.
+    assert [c is None for c in prefill.contexts] == [True, True, True, False]
+    assert [c is None for c in decode.contexts] == [True, True, True, False]
