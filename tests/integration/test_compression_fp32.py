@@ -110,3 +110,44 @@ def test_8bit_kv_keeps_32_greedy_tokens_identical_on_every_calibration_prompt(cl
         assert record["raw_bytes"] > record["wire_bytes"] > 0, record
         assert record["encode_s"] > 0 and record["wire_s"] > 0, record
         assert max(record["encode_s"], record["wire_s"]) + record["decode_s"] <= record["total_s"] + 1e-6, record
+
+
+# Prompts of the same shape: the reproduction of the batched-prompt bug, where every decode
+# landed the first prompt's KV (its sizes, checksum and fingerprint all matched). Each
+# variant has prompts of its own: a prompt the decode worker has cached is not pulled.
+# Float32, where greedy output does not hang on bf16 ties: the prompts run as one batch in
+# the engines, one by one they do not, and in bf16 that alone flipped near-tied tokens.
+def _batch(variant: str) -> list[str]:
+    return [f"My favourite {variant} thing in the whole world is the {thing}. What is my favourite thing? "
+            "The answer is:" for thing in ("stone", "apple", "river", "cloud", "piano", "tiger")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_batched_prompts_each_get_their_own_prefill(cluster, fp32_url, stream):
+    client = OpenAI(base_url=f"{fp32_url}/v1", api_key="unused", max_retries=0, timeout=300,
+                    default_headers={"x-tandem-kv-profile": "identity"})
+    kwargs = dict(model=MODEL, temperature=0, max_tokens=8)
+    prompts = _batch("streamed" if stream else "whole")
+    before = cluster.worker_stats("DecodeWorker", FP32_APP)
+    if stream:
+        texts = [""] * len(prompts)
+        usage = None
+        for chunk in client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True},
+                                               **kwargs):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+            usage = chunk.usage or usage
+    else:
+        batch = client.completions.create(prompt=prompts, **kwargs)
+        assert [c.index for c in batch.choices] == list(range(len(prompts)))
+        texts, usage = [c.text for c in batch.choices], batch.usage
+    after = cluster.worker_stats("DecodeWorker", FP32_APP)
+
+    one_by_one = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+    assert texts == [r.choices[0].text for r in one_by_one]
+    assert usage.prompt_tokens == sum(r.usage.prompt_tokens for r in one_by_one)
+    assert usage.completion_tokens == sum(r.usage.completion_tokens for r in one_by_one)
+    # Every prompt's own transfer was pulled and landed: none failed, none is left pinned.
+    assert after["kv_transfers"] == before["kv_transfers"] + len(prompts)
+    assert after["kv_transfer_failures"] == before["kv_transfer_failures"]
+    assert after["external_kv_hits"] - before["external_kv_hits"] == usage.prompt_tokens
