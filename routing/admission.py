@@ -68,6 +68,10 @@ class AdmissionGate:
             predicted_ttft_s is not None
             and self.max_predicted_ttft_s is not None
             and predicted_ttft_s > self.max_predicted_ttft_s
+            # With nothing in flight here there is no queue to shed: the request goes, and
+            # its TTFT corrects a prediction fitted under a past overload (refusing it
+            # would keep that prediction forever: no request, no new observation).
+            and self.in_flight > 0
         ):
             # Wait roughly as long as the excess queue needs to drain.
             retry = max(self.retry_after_s, int(predicted_ttft_s - self.max_predicted_ttft_s) + 1)

@@ -30,6 +30,17 @@ def test_predicted_ttft_past_the_bound_is_shed_with_a_matching_retry_after():
     assert gate.in_flight == 1  # the refused request took no slot
 
 
+def test_an_idle_ingress_admits_whatever_the_prediction():
+    """A predictor fitted during an overload can predict past the bound for an idle pool;
+    refusing then would refuse forever (no request, no observation to correct it)."""
+    gate = AdmissionGate(max_in_flight=100, max_predicted_ttft_s=5.0)
+    gate.admit(30.0, 3)  # nothing in flight: admitted
+    with pytest.raises(Overloaded):
+        gate.admit(30.0, 3)  # one in flight: that queue is what the prediction is about
+    gate.release()
+    gate.admit(30.0, 3)
+
+
 def test_an_empty_pool_is_503():
     with pytest.raises(Overloaded) as err:
         AdmissionGate(max_in_flight=10).admit(None, 0)
