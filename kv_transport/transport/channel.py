@@ -11,6 +11,7 @@ reads a whole transfer against one deadline, however slowly the bytes trickle in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -268,7 +269,7 @@ class ControlChannel:
                     request = ControlRequest.from_wire(body, self.auth)
                 except ProtocolError as exc:
                     self._log_refusal("refused a request from %s: %s", peer, exc)
-                    with _quietly():
+                    with contextlib.suppress(OSError):
                         send_buffers(sock, [error_frame(str(exc), exc.code)], Deadline(limits.handshake_timeout_s))
                     return
                 authenticated = True
@@ -279,7 +280,7 @@ class ControlChannel:
         except Exception:  # noqa: BLE001 - one bad exchange must not kill the listener
             log.exception("kv listener: serving %s failed", peer)
         finally:
-            with _quietly():
+            with contextlib.suppress(OSError):
                 sock.close()
             self._slots.release()
 
@@ -384,14 +385,6 @@ class ControlChannel:
                 for sock, _ in socks:
                     sock.close()
             self._pool.clear()
-
-
-class _quietly:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], (OSError, TimeoutError))
 
 
 def read_ack(reply: Reply, prefix: bytes) -> dict[str, Any]:
