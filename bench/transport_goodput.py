@@ -1,7 +1,7 @@
 """Raw goodput of Tandem's KV transports against the local ceiling, in one run.
 
 For payloads of 1-256 MiB, a publisher process serves the bytes and this process pulls
-them: through the `tcp`, `nixl` and `gloo` transports, and a plain loopback socket that
+them (bench/kv_link.py): through the `tcp`, `nixl` and `gloo` transports, and a plain loopback socket that
 only copies the same bytes (the ceiling: no framing, no protocol). Each point is the median
 of several pulls. Writes bench/results/transport_goodput.{json,csv,png}.
 
@@ -10,9 +10,6 @@ of several pulls. Writes bench/results/transport_goodput.{json,csv,png}.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
-import time
 from typing import Any
 
 import typer
@@ -20,108 +17,10 @@ from rich.console import Console
 from rich.progress import track
 
 from bench.common import RESULTS, markdown_table, median, write_results
+from bench.kv_link import measure
 
 MIB = 1 << 20
 console = Console()
-
-
-def _tune(sock: socket.socket) -> None:
-    # The ceiling gets the same socket tuning as the tcp transport.
-    from kv_transport.transport.channel import tune
-
-    tune(sock)
-
-
-def _transport(kind: str) -> Any:
-    if kind == "tcp":
-        from kv_transport.transport.tcp import TcpTransport
-
-        return TcpTransport()
-    if kind == "nixl":
-        from kv_transport.transport.nixl import NixlTransport
-
-        return NixlTransport()
-    from kv_transport.transport.collective import CollectiveTransport
-
-    return CollectiveTransport(backend=kind)
-
-
-def _publisher(kind: str, max_bytes: int, conn: Any) -> None:
-    """Child process: owns the payload and serves it until told to stop."""
-    payload = memoryview(bytes(range(256)) * (max_bytes // 256))
-    if kind == "socket":
-        listener = socket.create_server(("127.0.0.1", 0))
-        conn.send({"host": "127.0.0.1", "port": listener.getsockname()[1]})
-        client, _ = listener.accept()
-        _tune(client)
-        while True:
-            request = client.recv(16)
-            if not request:
-                return
-            client.sendall(payload[: int.from_bytes(request[:8], "little")])
-    from kv_transport.transport.base import Publication
-    from kv_transport.wire import BufferInfo, TransferHeader
-
-    transport = _transport(kind)
-    conn.send(transport.address)
-    while True:
-        command = conn.recv()
-        if command is None:
-            transport.close()
-            return
-        transfer_id, nbytes = command
-        view = payload[:nbytes]
-        header = TransferHeader(transfer_id, "bench", "uint8", 1, nbytes, 1, [BufferInfo("payload", nbytes, nbytes)])
-        transport.publish(Publication(transfer_id, lambda _skip=0, h=header, v=view: (h, [v]), lambda *_: None))
-        conn.send("published")
-
-
-def _measure(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]]:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_publisher, args=(kind, max(sizes), child), daemon=True)
-    proc.start()
-    address = parent.recv()
-    timings: dict[int, list[float]] = {size: [] for size in sizes}
-    try:
-        if kind == "socket":
-            sock = socket.create_connection((address["host"], address["port"]))
-            _tune(sock)
-            for size in sizes:
-                buffer = bytearray(size)
-                for _ in range(repeats + 1):  # +1 warm-up
-                    started = time.perf_counter()
-                    sock.sendall(size.to_bytes(8, "little"))
-                    view = memoryview(buffer)
-                    while len(view):
-                        view = view[sock.recv_into(view) :]
-                    timings[size].append(time.perf_counter() - started)
-                timings[size].pop(0)
-            sock.close()
-            return timings
-        from kv_transport.transport.control import FetchRequest
-
-        client = _transport(kind)
-        for size in sizes:
-            # Like the ceiling, pull into a buffer allocated once (as the connector pulls
-            # straight into KV blocks that already exist).
-            destination = [memoryview(bytearray(size))]
-            for i in range(repeats + 1):
-                transfer_id = f"{size}-{i}"
-                parent.send((transfer_id, size))
-                parent.recv()
-                started = time.perf_counter()
-                header, _ = client.fetch(address, FetchRequest(transfer_id), into=lambda h, d=destination: d)
-                timings[size].append(time.perf_counter() - started)
-                assert header.payload_nbytes == size
-            timings[size].pop(0)
-        client.close()
-        parent.send(None)
-        return timings
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
 
 
 def main(
@@ -130,7 +29,7 @@ def main(
 ) -> None:
     sizes = [s * MIB for s in sizes_mib]
     kinds = ["socket", "tcp", "nixl", "gloo"]
-    results = {kind: _measure(kind, sizes, repeats) for kind in track(kinds, description="transports")}
+    results = {kind: measure(kind, sizes, repeats) for kind in track(kinds, description="transports")}
     rows = []
     for size in sizes:
         ceiling = size / median(results["socket"][size])

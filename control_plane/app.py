@@ -95,12 +95,20 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
         )
 
     # Serve waits this long for a stopping ingress replica's requests (when no drain ran).
-    ingress = Ingress.options(graceful_shutdown_timeout_s=settings.routing.drain_grace_s + 10)
+    ingress = Ingress.options(
+        graceful_shutdown_timeout_s=settings.routing.drain_grace_s + 10,
+        **({"ray_actor_options": {"resources": dict(settings.ingress_ray_resources)}} if settings.ingress_ray_resources else {}),
+    )
     if settings.mode == "disaggregated":
         extra: dict[str, Any] = {}
         if settings.kv_connector.compression.mode == "adaptive":
             from control_plane.controller.service import CompressionControllerDeployment
 
-            extra["controller"] = CompressionControllerDeployment.bind(data)
+            controller = CompressionControllerDeployment
+            if settings.ingress_ray_resources:
+                controller = controller.options(
+                    ray_actor_options={**(controller.ray_actor_options or {}), "resources": dict(settings.ingress_ray_resources)}
+                )
+            extra["controller"] = controller.bind(data)
         return ingress.bind(data, prefill=pool("prefill"), decode=pool("decode"), **extra)
     return ingress.bind(data, colocated=pool("colocated"))

@@ -460,6 +460,15 @@ def _mount_profiler() -> None:
 _mount_profiler()
 
 
+def _mount_cluster() -> None:
+    from control_plane.cluster.command import cluster_app
+
+    app.add_typer(cluster_app, name="cluster")
+
+
+_mount_cluster()
+
+
 def _mount_optional_commands() -> None:
     """Commands whose dependencies come with extras (Locust: the dev or loadtest extra)."""
     try:

@@ -299,6 +299,9 @@ class TandemSettings(BaseSettings):
     # Logical CPUs a local Ray advertises. Engines bind physical cores themselves, so Ray's
     # count is only an admission budget; it must exceed the cores of a small laptop.
     ray_num_cpus: int = Field(16, ge=1)
+    # Ray custom resources the ingress (and the compression controller) ask for, e.g.
+    # {"tandem_head": 1} to keep them on the head node; empty: anywhere.
+    ingress_ray_resources: dict[str, float] = Field(default_factory=dict)
 
     # Set by load_settings; where the YAML came from, for `tandem status`.
     config_file: str | None = None

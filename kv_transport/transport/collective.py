@@ -79,7 +79,13 @@ class CollectiveTransport(ChannelTransport):
         if self.backend == "nccl":
             group = dist.ProcessGroupNCCL(prefixed, rank, 2)
         else:
-            group = dist.ProcessGroupGloo(prefixed, rank, 2, timeout or self._timeout)
+            # Gloo's default device is the host name's address, which on a host with several
+            # interfaces (or a node in a network namespace) need not be the one the peer
+            # reaches: use the address this transport advertises.
+            options = dist.ProcessGroupGloo._Options()
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+            options._timeout = timeout or self._timeout
+            group = dist.ProcessGroupGloo(prefixed, rank, 2, options)
         with self._lock:
             self._groups[group_id] = group
         return group
