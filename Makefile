@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.install-stamp-$(subst $(comma),-,$(EXTRAS))
 
 PYTEST_ARGS ?=
 
-.PHONY: install model run up down status test test-unit lint loadtest clean
+.PHONY: install model run up down status test test-unit test-cluster lint loadtest clean
 
 install: $(STAMP)
 
@@ -36,9 +36,15 @@ down:
 	$(BIN)/tandem down
 
 # The whole suite: unit tests, then integration tests on one shared local Ray + vLLM cluster
-# (started with `make run` by the test session itself). pytest's exit 5 (no tests) fails.
+# (started with `make run` by the test session itself), then, in a session of their own, the
+# cluster-in-a-box tests (several Ray nodes in network namespaces; root, skipped without it
+# except in CI). pytest's exit 5 (no tests) fails.
 test: model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/cluster $(PYTEST_ARGS)
+
+test-cluster: model
+	$(BIN)/python -m pytest tests/cluster $(PYTEST_ARGS)
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)

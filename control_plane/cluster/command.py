@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control_plane.cluster import box
-from control_plane.cluster.netns import LinkSpec
+from control_plane.cluster.netns import LinkSpec, NetError
 
 cluster_app = typer.Typer(
     help="A multi-node Ray cluster on this machine: one network namespace per node, shaped links (needs root).",
@@ -40,7 +40,7 @@ def _link(text: str) -> LinkSpec:
 def up_command(
     nodes: int = typer.Option(3, help="Ray nodes: head, prefill, decode, then more decode/prefill nodes."),
     roles: str | None = typer.Option(None, help="Roles per node, e.g. head,prefill,decode,decode or head+prefill,decode."),
-    link: str = typer.Option("10gbit,1ms", help="Every node's link: rate,delay[,jitter][,loss%] or unshaped."),
+    link: str = typer.Option("10gbit", help="Every node's link: rate[,delay[,jitter]][,loss%] or unshaped."),
     subnet: str = typer.Option("198.18.0.0/24", help="Addresses of the box (inside 198.18.0.0/15)."),
     num_cpus: int = typer.Option(4, help="Logical CPUs each Ray node advertises."),
     deploy: bool = typer.Option(True, help="Deploy Tandem (prefill on prefill nodes, decode on decode nodes)."),
@@ -56,25 +56,37 @@ def up_command(
             state = box.up(name, node_roles, spec, subnet, num_cpus)
         console.print(f"[green]box {name}[/]: {len(state.nodes)} nodes on {state.subnet}, links {spec}")
         if deploy:
-            from control_plane.cluster.deploy import box_settings
-            from control_plane.cluster.deploy import deploy as deploy_apps
-            from control_plane.model import prepare_model
-
-            settings = box_settings(state, config)
-            prepare_model(settings.model.path)
-            with console.status("deploying Tandem (engines start in a minute or two)..."):
-                (url,) = deploy_apps(name, [settings], timeout_s=timeout)
-            console.print(f"\nOpenAI endpoint: [bold]{url}/v1[/]  (from this machine's root namespace)")
-            console.print(
-                f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
-                + "'"
-                + json.dumps({"model": settings.model.served_name,
-                              "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-                + "'",
-                soft_wrap=True, highlight=False,
-            )  # fmt: skip
-    except (box.BoxError, ValueError) as exc:
+            _deploy(name, config, timeout)
+    except (box.BoxError, NetError, ValueError) as exc:
         raise _fail(exc) from None
+
+
+@cluster_app.command("deploy")
+def deploy_command(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings YAML of the app."),
+    timeout: float = typer.Option(900, help="Seconds to wait for the app to become healthy."),
+    name: str = NAME,
+) -> None:
+    """Deploy (or redeploy) Tandem on a running box."""
+    try:
+        _deploy(name, config, timeout)
+    except (box.BoxError, NetError, ValueError) as exc:
+        raise _fail(exc) from None
+
+
+def _deploy(name: str, config: Path | None, timeout: float) -> None:
+    from control_plane.cluster.deploy import box_settings, deploy
+    from control_plane.model import prepare_model
+
+    settings = box_settings(box.load(name), config)
+    prepare_model(settings.model.path)
+    with console.status("deploying Tandem (engines start in a minute or two)..."):
+        (url,) = deploy(name, [settings], timeout_s=timeout)
+    console.print(f"\nOpenAI endpoint: [bold]{url}/v1[/]  (from this machine's root namespace)")
+    example = json.dumps({"model": settings.model.served_name,
+                          "messages": [{"role": "user", "content": "What is the capital of France?"}]})  # fmt: skip
+    console.print(f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{example}'",
+                  soft_wrap=True, highlight=False)  # fmt: skip
 
 
 @cluster_app.command("down")
@@ -82,7 +94,7 @@ def down_command(name: str = NAME) -> None:
     """Stop every process of the box and remove its namespaces, veths and bridge."""
     try:
         removed = box.down(name)
-    except (box.BoxError, ValueError) as exc:
+    except (box.BoxError, NetError, ValueError) as exc:
         raise _fail(exc) from None
     console.print(f"removed {len(removed)} namespace(s) and link(s)" if removed else "nothing to remove")
 
@@ -115,7 +127,7 @@ def link_command(
         if state_ not in (None, "up", "down"):
             raise typer.BadParameter("--state is up or down")
         updated = box.set_link(name, node, spec, None if state_ is None else state_ == "up")
-    except (box.BoxError, ValueError) as exc:
+    except (box.BoxError, NetError, ValueError) as exc:
         raise _fail(exc) from None
     console.print(f"{updated.name}: {updated.link} ({'up' if updated.link_up else 'down'})")
 
@@ -125,7 +137,7 @@ def node_kill(node: str = typer.Argument(...), name: str = NAME) -> None:
     """Kill every process of a node at once (raylet, replicas, engines)."""
     try:
         killed = box.kill_node(name, node)
-    except box.BoxError as exc:
+    except (box.BoxError, NetError) as exc:
         raise _fail(exc) from None
     console.print(f"{node}: killed {killed} process(es)")
 
@@ -135,7 +147,7 @@ def node_start(node: str = typer.Argument(...), name: str = NAME) -> None:
     """Start a killed node's Ray again; Serve places replicas on it as they are needed."""
     try:
         box.start_node(name, node)
-    except box.BoxError as exc:
+    except (box.BoxError, NetError) as exc:
         raise _fail(exc) from None
     console.print(f"{node}: started")
 
@@ -147,7 +159,7 @@ def redis_command(action: str = typer.Argument(..., help="stop | start"), name: 
         raise typer.BadParameter("stop or start")
     try:
         box.redis(name, action)  # type: ignore[arg-type]
-    except box.BoxError as exc:
+    except (box.BoxError, NetError) as exc:
         raise _fail(exc) from None
     console.print(f"redis {action}ped" if action == "stop" else "redis started")
 
@@ -157,7 +169,7 @@ def status_command(as_json: bool = typer.Option(False, "--json"), name: str = NA
     """Nodes, their links and traffic, and which replica runs where."""
     try:
         report = status_report(name)
-    except box.BoxError as exc:
+    except (box.BoxError, NetError) as exc:
         raise _fail(exc) from None
     if as_json:
         print(json.dumps(report, indent=2, default=str))
