@@ -18,6 +18,11 @@ only choose identity.
 Writes bench/results/compression_links.{json,csv,png}.
 
     python -m bench.compression_links [--repeats 3] [--gbps 0.5 --gbps 1 ...]
+    python -m bench.compression_links --box [--delay-ms 0.5 --delay-ms 5]   # real links (root)
+
+With ``--box`` prefill and decode run on two nodes of a cluster in a box and the links are
+real (`tc` on veths between network namespaces) instead of the connector's token bucket;
+results go to compression_links_box.* with a side-by-side table against the bucket's.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def _prompt(rng: random.Random, length: int) -> list[int]:
     return [rng.randrange(200, 48000) for _ in range(length)]
 
 
-async def _stream(client: httpx.AsyncClient, prompt: list[int], headers: dict[str, str]) -> dict[str, float]:
+async def stream_completion(client: httpx.AsyncClient, prompt: list[int], headers: dict[str, str]) -> dict[str, float]:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream": True}
     started = time.perf_counter()
     first = last = None
@@ -85,13 +90,13 @@ async def _measure(url: str, redis_url: str, configs: list[str], repeats: int, s
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
         # Warm-up; it also gives the controller its first look at the link.
         for config in configs:
-            await _stream(client, _prompt(rng, 256), _headers(config))
+            await stream_completion(client, _prompt(rng, 256), _headers(config))
         for length in LENGTHS:
             samples: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
             for _ in range(repeats):
                 # Interleaved, so drift on the shared machine hits every configuration alike.
                 for config in configs:
-                    sample: dict[str, Any] = await _stream(client, _prompt(rng, length), _headers(config))
+                    sample: dict[str, Any] = await stream_completion(client, _prompt(rng, length), _headers(config))
                     transfer = await asyncio.to_thread(_last_transfer, redis_url)
                     # The KV handoff alone: the pull (the publisher encodes inside it), verify,
                     # decode and write into the decode worker's cache: what compression can
@@ -117,7 +122,11 @@ def main(
     repeats: int = typer.Option(3, help="Requests per point (median reported)."),
     gbps: list[float] = typer.Option(DEFAULT_GBPS, help="Link speeds in Gbps (0 = unlimited)."),
     profiles: list[str] = typer.Option(STATIC_PROFILES, help="Static profiles to compare."),
+    box: bool = typer.Option(False, "--box", help="Real shaped links between the nodes of a cluster in a box (root)."),
+    delays_ms: list[float] = typer.Option([0.0], "--delay-ms", help="With --box: link delays to run (netem)."),
 ) -> None:
+    if box:
+        return main_box(repeats, gbps, profiles, delays_ms)
     import ray
     from ray import serve
 
@@ -157,12 +166,73 @@ def main(
     console.print(markdown_table(rows, list(rows[0])))
 
 
+BOX = "links"
+
+
+def main_box(repeats: int, gbps: list[float], profiles: list[str], delays_ms: list[float]) -> None:
+    """The same measurement with prefill and decode on two nodes of a cluster in a box,
+    their links shaped by `tc` (both directions, both nodes), no token bucket; one deploy,
+    the links changed between speeds. Writes compression_links_box.* and a side-by-side
+    table against the token-bucket results (compression_links.json) when they exist."""
+    import json
+
+    from control_plane.cluster import box as boxlib
+    from control_plane.cluster.deploy import box_settings, deploy
+    from control_plane.cluster.netns import LinkSpec, has_netem
+    from control_plane.model import prepare_model
+
+    if any(delays_ms) and not has_netem():
+        console.print("[yellow]this kernel has no netem: the delays are left out[/]")
+        delays_ms = [d for d in delays_ms if not d] or [0.0]
+    prepare_model(None)
+    configs = ["none", *profiles, "adaptive"]
+    boxlib.down(BOX)
+    state = boxlib.up(BOX, roles=boxlib.default_roles(3), subnet="198.18.8.0/24")
+    rows: list[dict[str, Any]] = []
+    try:
+        settings = box_settings(state, kv_connector={"compression": {"mode": "adaptive"}})
+        (url,) = deploy(BOX, [settings])
+        for delay in delays_ms:
+            for speed in gbps:
+                spec = LinkSpec(rate=f"{speed * 1000:g}mbit" if speed > 0 else None, delay_ms=delay)
+                for node in state.nodes:
+                    boxlib.set_link(BOX, node.name, spec)
+                console.print(f"[bold]{spec}[/]")
+                started = time.perf_counter()
+                for row in asyncio.run(_measure(url, state.redis_url, configs, repeats, seed=11)):
+                    rows.append({"gbps": speed if speed > 0 else math.inf, "delay_ms": delay, **row})
+                console.print(f"  measured in {time.perf_counter() - started:.0f}s")
+    finally:
+        boxlib.down(BOX)
+    _relative(rows, profiles)
+    write_results("compression_links_box", rows, {"repeats": repeats, "statistic": "median", "lengths": LENGTHS,
+                                                  "profiles": profiles, "adaptive_slo_class": ADAPTIVE_CLASS,
+                                                  "links": "tc htb on veths between network namespaces"})  # fmt: skip
+    _plot([r for r in rows if not r["delay_ms"]], configs, "compression_links_box.png")
+    bucket_path = RESULTS / "compression_links.json"
+    if bucket_path.exists():
+        bucket = {(r["gbps"], r["prompt_tokens"], r["config"]): r for r in json.loads(bucket_path.read_text())["rows"]}
+        side = []
+        for row in rows:
+            other = bucket.get((row["gbps"], row["prompt_tokens"], row["config"]))
+            if other is None or row["delay_ms"]:
+                continue
+            side.append({"gbps": row["gbps"], "prompt_tokens": row["prompt_tokens"], "config": row["config"],
+                         "ttft_s_link": row["ttft_s"], "ttft_s_bucket": other["ttft_s"],
+                         "kv_handoff_s_link": row["kv_handoff_s"], "kv_handoff_s_bucket": other["kv_handoff_s"],
+                         "codec_link": row["codec"], "codec_bucket": other["codec"]})  # fmt: skip
+        if side:
+            write_results("compression_links_box_vs_bucket", side, {"bucket": "compression_links.json"})
+            console.print(markdown_table(side, list(side[0])))
+    console.print(markdown_table(rows, list(rows[0])))
+
+
 def _relative(rows: list[dict[str, Any]], profiles: list[str]) -> None:
     """Each row's TTFT against no compression and against the best static profile at the
     same bandwidth and prompt length."""
-    groups: dict[tuple[float, int], dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[float, float, int], dict[str, dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["gbps"], row["prompt_tokens"]), {})[row["config"]] = row
+        groups.setdefault((row["gbps"], row.get("delay_ms", 0.0), row["prompt_tokens"]), {})[row["config"]] = row
     for group in groups.values():
         none = group["none"]["ttft_s"]
         none_kv = group["none"]["kv_handoff_s"]
@@ -173,7 +243,7 @@ def _relative(rows: list[dict[str, Any]], profiles: list[str]) -> None:
             row["kv_handoff_speedup_vs_none"] = none_kv / row["kv_handoff_s"] if row["kv_handoff_s"] else math.nan
 
 
-def _plot(rows: list[dict[str, Any]], configs: list[str]) -> None:
+def _plot(rows: list[dict[str, Any]], configs: list[str], name: str = "compression_links.png") -> None:
     """TTFT (top) and the KV handoff alone (bottom) per prompt length, against the link."""
     import matplotlib
 
@@ -199,7 +269,7 @@ def _plot(rows: list[dict[str, Any]], configs: list[str]) -> None:
             ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "compression_links.png", dpi=120)
+    fig.savefig(RESULTS / name, dpi=120)
 
 
 if __name__ == "__main__":

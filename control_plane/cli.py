@@ -380,10 +380,16 @@ def down(
 @app.command()
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    box: str | None = typer.Option(None, "--box", help="A cluster in a box's name: its nodes, links and replicas."),
 ) -> None:
-    """Replicas, roles, health and Redis of the running stack."""
+    """Replicas, roles, health and Redis of the running stack (or of a cluster in a box)."""
     from control_plane.state import list_workers
 
+    if box is not None:
+        from control_plane.cluster.command import status_command
+
+        status_command(as_json=as_json, name=box)
+        return
     state = _read_state()
     if not state:
         console.print("tandem is not running (no `tandem up` state)")

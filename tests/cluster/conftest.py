@@ -10,6 +10,7 @@ the single-node suite (`make test` runs both): two clusters at once would not fi
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from tests.cluster.helpers import (
     TTL_S,
     BoxCluster,
     require_box_support,
+    tandem_cli,
 )
 
 
@@ -34,16 +36,29 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.cluster)
 
 
+def _profile_library(out: Path) -> Path:
+    """The compression profile library of this model on this machine, from the real
+    profiler's quick run (kept out of the user's cache: --no-store, --out)."""
+    done = tandem_cli("profile", "--quick", "--no-store", "--no-results", "--out", str(out), timeout=900)
+    assert done.returncode == 0, f"tandem profile failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    (library,) = out.glob("*.json")
+    return library
+
+
 @pytest.fixture(scope="session")
-def box_cluster():
+def box_cluster(tmp_path_factory):
     require_box_support()
     from control_plane.cluster.deploy import box_settings, deploy
 
     boxlib.down(BOX)  # whatever an interrupted run left
     started = time.monotonic()
+    library = _profile_library(tmp_path_factory.mktemp("profiles"))
     state = boxlib.up(BOX, roles=[["head"], ["prefill"], ["decode"]], link=LINK, subnet=SUBNET, num_cpus=4)
     try:
-        kv = {"ttl_s": TTL_S, "pull_timeout_s": PULL_TIMEOUT_S}
+        # Adaptive compression, lossless by default (every answer stays token-exact); the
+        # adaptive test asks for the "relaxed" class.
+        kv = {"ttl_s": TTL_S, "pull_timeout_s": PULL_TIMEOUT_S,
+              "compression": {"mode": "adaptive", "default_slo_class": "exact", "library": str(library)}}
         main = box_settings(state, prefill=FLOAT32_WORKER, decode=FLOAT32_WORKER, kv_connector=kv)
         reference = box_settings(state, mode="colocated", app_name=REFERENCE_APP, route_prefix=f"/{REFERENCE_APP}",
                                  colocated=FLOAT32_WORKER)  # fmt: skip

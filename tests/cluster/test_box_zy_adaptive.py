@@ -1,0 +1,88 @@
+"""The adaptive compression controller on a real link: the prefill node's link goes
+10 Gbit -> 500 Mbit -> 10 Gbit while requests flow, and the profile the controller picks
+for that link follows, within a stated number of transfers each way.
+
+The box app runs with `compression.mode: adaptive` and `default_slo_class: exact` (lossless
+only, so every other test's answers stay token-exact); these requests ask for the
+`relaxed` class, whose budget admits the 8-bit and 4-bit profiles. The profile library is
+the real profiler's (`tandem profile --quick`, run by the fixture on this machine).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+import redis
+
+from control_plane.cluster import box as boxlib
+from control_plane.cluster.netns import LinkSpec
+from kv_transport.decisions import decision_key
+from kv_transport.telemetry import read_stream
+from tests.cluster.helpers import LINK, BoxCluster
+from tests.conftest import MODEL
+
+SLOW = LinkSpec(rate="500mbit")
+# Transfers after a change of rate within which the decision must have followed: the
+# bandwidth estimate is an EWMA (alpha 0.3) in log space, so a 20x change needs a few
+# samples to cross the decision boundary; the decision is republished after each one.
+FOLLOW_WITHIN = 8
+PROMPT_TOKENS = 1500  # ~70 MiB of float32 KV: 0.3 s on 500 Mbit even at 4 bits
+
+
+def _decision(cluster: BoxCluster, link: str) -> str | None:
+    raw = redis.Redis.from_url(cluster.state.redis_url).get(decision_key("tandem", link, "relaxed"))
+    return json.loads(raw)["profile"] if raw else None
+
+
+def _one_transfer(cluster: BoxCluster, rng: random.Random) -> dict:
+    """One request of fresh random tokens (no prefix-cache hit anywhere); its transfer."""
+    before = len(read_stream(cluster.state.redis_url, count=10_000))
+    prompt = [rng.randrange(200, 48000) for _ in range(PROMPT_TOKENS)]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    response = httpx.post(f"{cluster.url}/v1/completions", json=body, headers={"x-tandem-slo-class": "relaxed"},
+                          timeout=300, trust_env=False)  # fmt: skip
+    assert response.status_code == 200, response.text
+    records = read_stream(cluster.state.redis_url, count=10_000)
+    assert len(records) > before, "the transfer left no telemetry"
+    return records[-1]
+
+
+def _transfers_until(cluster: BoxCluster, rng: random.Random, link: str, done, limit: int) -> tuple[int, list[str]]:
+    """Transfers until ``done(decision)``; (how many, the codecs they used)."""
+    codecs = []
+    for count in range(1, limit + 1):
+        record = _one_transfer(cluster, rng)
+        codecs.append(record["codec"])
+        assert record["link"] == link
+        if done(_decision(cluster, link)):
+            return count, codecs
+    pytest.fail(f"the decision for {link} did not follow within {limit} transfers: {codecs}")
+
+
+@pytest.fixture()
+def restore_prefill_link(cluster: BoxCluster):
+    yield
+    boxlib.set_link(cluster.state.name, cluster.prefill_node.name, LINK, True)
+
+
+def test_controller_choice_follows_the_link_rate_both_ways(cluster: BoxCluster, restore_prefill_link):
+    rng = random.Random(7)
+    prefill = cluster.prefill_node
+    link = _one_transfer(cluster, rng)["link"]
+    assert link.startswith(prefill.address) and cluster.decode_node.address in link
+    # At 10 Gbit the controller settles on a profile for the fast link.
+    _, _ = _transfers_until(cluster, rng, link, lambda d: d is not None, FOLLOW_WITHIN)
+    fast = _decision(cluster, link)
+    boxlib.set_link(cluster.state.name, prefill.name, SLOW)
+    slowed, codecs = _transfers_until(cluster, rng, link, lambda d: d not in (None, fast), FOLLOW_WITHIN)
+    slow = _decision(cluster, link)
+    # On the slow link a profile that sends fewer bytes wins, and the transfers use it.
+    assert slow != "identity", codecs
+    _transfers_until(cluster, rng, link, lambda d: d == slow, 2)
+    boxlib.set_link(cluster.state.name, prefill.name, LINK)
+    recovered, codecs_back = _transfers_until(cluster, rng, link, lambda d: d != slow, FOLLOW_WITHIN)
+    print(f"fast link: {fast}; 500 Mbit: {slow} after {slowed} transfers ({codecs}); "
+          f"10 Gbit again: {_decision(cluster, link)} after {recovered} ({codecs_back})")
