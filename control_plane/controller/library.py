@@ -43,6 +43,8 @@ def costs_from_library(library: dict[str, Any], pareto_only: bool = True) -> lis
                     decode_bytes_per_s=float(entry.get("decode_bytes_per_s", math.inf)),
                     fixed_s=float(entry.get("fixed_s", 0.0)),
                     quality_loss=float(entry.get("quality_loss", 0.0)),
+                    # Libraries from before the flag: only identity is known lossless.
+                    lossless=bool(entry.get("lossless", entry["name"] == "identity")),
                 )
             )
         except (KeyError, TypeError, ValueError):

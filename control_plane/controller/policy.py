@@ -43,6 +43,11 @@ class ProfileCost:
     decode_bytes_per_s: float  # raw bytes decoded per second
     fixed_s: float = 0.0  # per-transfer cost independent of size
     quality_loss: float = 0.0  # e.g. next-token KL divergence (nats); 0 for lossless
+    # Lossless by construction (the codec returns the exact bytes). A lossy profile can
+    # measure a loss of 0 (e.g. one that keeps the last 128 tokens raw, profiled on shorter
+    # prompts), which proves nothing about longer ones: a class with no quality budget
+    # takes lossless profiles only.
+    lossless: bool = False
 
     def latency_s(self, raw_bytes: float, bandwidth_bytes_per_s: float, pipelined: bool = False) -> float:
         encode = raw_bytes / self.encode_bytes_per_s if math.isfinite(self.encode_bytes_per_s) else 0.0
@@ -54,7 +59,7 @@ class ProfileCost:
         return self.fixed_s + encode + wire + decode
 
 
-IDENTITY = ProfileCost("identity", 1.0, math.inf, math.inf)
+IDENTITY = ProfileCost("identity", 1.0, math.inf, math.inf, lossless=True)
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,8 @@ class CompressionController:
 
     def allowed(self, slo_class: str) -> list[ProfileCost]:
         budget = self.classes.get(slo_class, self.classes.get("standard", SLOClass("standard", 0.0)))
+        if budget.max_quality_loss <= 0:
+            return [p for p in self.profiles.values() if p.lossless]
         return [p for p in self.profiles.values() if p.quality_loss <= budget.max_quality_loss]
 
     def predict(self, profile: str, link: str, raw_bytes: float) -> float:

@@ -16,7 +16,8 @@ GBPS = 1e9 / 8  # bytes/s
 MB = 1 << 20
 
 PROFILES = [
-    ProfileCost("zstd-lossless", ratio=1.25, encode_bytes_per_s=400 * MB, decode_bytes_per_s=800 * MB, fixed_s=0.001),
+    ProfileCost("zstd-lossless", ratio=1.25, encode_bytes_per_s=400 * MB, decode_bytes_per_s=800 * MB, fixed_s=0.001,
+                lossless=True),
     ProfileCost("int8", ratio=2.0, encode_bytes_per_s=1500 * MB, decode_bytes_per_s=2000 * MB, fixed_s=0.0005, quality_loss=0.002),
     ProfileCost("int4", ratio=4.0, encode_bytes_per_s=1200 * MB, decode_bytes_per_s=1500 * MB, fixed_s=0.0005, quality_loss=0.008),
     ProfileCost("int2", ratio=7.5, encode_bytes_per_s=1000 * MB, decode_bytes_per_s=1200 * MB, fixed_s=0.0005, quality_loss=0.04),
@@ -76,6 +77,17 @@ def test_quality_budgets_bound_the_choice():
     assert exact <= {"identity", "zstd-lossless"}
     relaxed = [run_transfer(controller, "l2", "relaxed", raw, 0.5 * GBPS) for _ in range(20)]
     assert relaxed[-5:].count("int2") >= 4
+
+
+def test_a_lossy_profile_that_measured_no_loss_is_not_exact():
+    # E.g. a profile keeping the last 128 tokens raw, profiled on 50-token prompts: its
+    # measured loss is 0, yet it quantizes every longer prompt.
+    raw_window = ProfileCost("int2-r128", ratio=6.0, encode_bytes_per_s=2000 * MB, decode_bytes_per_s=2000 * MB,
+                             quality_loss=0.0)  # fmt: skip
+    controller = CompressionController([*PROFILES, raw_window], seed=5)
+    assert "int2-r128" not in {p.name for p in controller.allowed("exact")}
+    assert {p.name for p in controller.allowed("exact")} == {"identity", "zstd-lossless"}
+    assert "int2-r128" in {p.name for p in controller.allowed("standard")}
 
 
 def test_bandwidth_estimate_separates_latency_from_rate():
