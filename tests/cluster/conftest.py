@@ -64,7 +64,7 @@ def box_cluster(tmp_path_factory):
                                  colocated=FLOAT32_WORKER)  # fmt: skip
         url, reference_url = deploy(BOX, [main, reference], timeout_s=900)
         print(f"box {BOX} up and deployed in {time.monotonic() - started:.0f}s")
-        yield BoxCluster(boxlib.load(BOX), url, reference_url)
+        yield BoxCluster(boxlib.load(BOX), url, reference_url, library)
     finally:
         removed = boxlib.down(BOX)
         assert not boxlib._leftovers(BOX), f"box {BOX} left namespaces or links behind: {removed}"

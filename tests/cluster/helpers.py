@@ -33,6 +33,7 @@ class BoxCluster:
     state: boxlib.BoxState
     url: str
     reference_url: str
+    library: Path  # the compression profile library the app's controller uses
 
     @property
     def base_url(self) -> str:
@@ -63,9 +64,15 @@ class BoxCluster:
         return bool(self.probe("blocks_free", app, deployment, str(timeout_s)))
 
     def workers(self, app: str = "tandem") -> list[dict]:
+        """The registry's entries (engines, and the compression controller's heartbeat)."""
         from control_plane.state import list_workers
 
         return list_workers(self.state.redis_url, app)
+
+    def worker(self, role: str, app: str = "tandem") -> dict:
+        """The registry entry of the app's (one) engine of ``role``."""
+        (entry,) = [w for w in self.workers(app) if w.get("role") == role]
+        return entry
 
     def link_bytes(self, node: boxlib.NodeState) -> dict[str, int]:
         from control_plane.cluster.netns import counters

@@ -47,11 +47,11 @@ def test_status_shows_nodes_links_and_where_each_replica_runs(cluster: BoxCluste
 
 
 def test_kv_listeners_advertise_their_node_address(cluster: BoxCluster):
-    workers = {w["role"]: w for w in cluster.workers()}
     for role, node in (("prefill", cluster.prefill_node), ("decode", cluster.decode_node)):
-        assert workers[role]["node"] == node.address
+        worker = cluster.worker(role)
+        assert worker["node"] == node.address
         # Not loopback, not the head's: the address other nodes reach it at.
-        assert workers[role]["kv_listener"]["host"] == node.address
+        assert worker["kv_listener"]["host"] == node.address
 
 
 def test_greedy_float32_pd_across_nodes_equals_colocated_and_kv_crossed_the_link(
@@ -59,7 +59,7 @@ def test_greedy_float32_pd_across_nodes_equals_colocated_and_kv_crossed_the_link
 ):
     ok_before, wire_before = _settled_transfers(cluster, http)
     link_before = cluster.link_bytes(cluster.decode_node)
-    hits_before = {w["role"]: w["stats"]["external_kv_hits"] for w in cluster.workers()}["decode"]
+    hits_before = cluster.worker("decode")["stats"]["external_kv_hits"]
     prompts = calibration_messages()[:4]
     for prompt_id, messages in prompts:
         pd = openai_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=TOKENS, temperature=0)
@@ -74,7 +74,7 @@ def test_greedy_float32_pd_across_nodes_equals_colocated_and_kv_crossed_the_link
     assert link_after["to_node"] - link_before["to_node"] >= wire_after - wire_before
     # The decode engine counted the pulled KV as external prefix hits.
     wait_until(
-        lambda: {w["role"]: w["stats"]["external_kv_hits"] for w in cluster.workers()}["decode"] > hits_before, 20,
+        lambda: cluster.worker("decode")["stats"]["external_kv_hits"] > hits_before, 20,
         what="decode reports external KV hits",
     )
     assert cluster.blocks_free("DecodeWorker") and cluster.blocks_free("PrefillWorker")

@@ -134,8 +134,7 @@ def test_decode_node_killed_mid_stream_ends_cleanly_then_serves_after_restart(cl
         model=MODEL, messages=_messages("What is the capital of France?"), max_tokens=8, temperature=0
     )
     assert "Paris" in reply.choices[0].message.content
-    workers = {w["role"]: w for w in cluster.workers()}
-    assert workers["decode"]["node"] == decode.address
+    assert cluster.worker("decode")["node"] == decode.address
 
 
 def test_prefill_node_killed_requests_recompute_on_decode(cluster: BoxCluster, openai_client, reference_client):
@@ -152,7 +151,7 @@ def test_prefill_node_killed_requests_recompute_on_decode(cluster: BoxCluster, o
     finally:
         boxlib.start_node(cluster.state.name, prefill.name)
     wait_healthy(cluster.url, 600)
-    assert {w["role"]: w for w in cluster.workers()}["prefill"]["node"] == prefill.address
+    assert cluster.worker("prefill")["node"] == prefill.address
 
 
 def test_redis_down_serving_goes_on(cluster: BoxCluster, openai_client):
