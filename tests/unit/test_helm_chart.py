@@ -6,6 +6,9 @@ and Service inside the RayService) validates against Kubernetes' schemas, the Ra
 serveConfigV2 builds Tandem's settings with the same loader as the CLI, placement resources
 line up between engines and pods, and the objects reference each other by the right names.
 Bad values fail at install with a message that names the value.
+
+test_helm_kuberay.py checks the RayService against KubeRay itself (its CRDs and its spec
+checks, per operator version) and the chart's fixes for what KubeRay used to refuse.
 """
 
 from __future__ import annotations
@@ -104,6 +107,13 @@ REDIS_OWN_SECRET = {
 }
 # Opting out of both: no password, no NetworkPolicy.
 REDIS_OPEN = {"redis": {"internal": {"auth": {"enabled": False}}}, "networkPolicy": {"enabled": False}}
+# GitOps: nothing generated, every secret from a Secret you manage.
+GITOPS = {
+    "generateSecrets": False,
+    "auth": {"existingSecret": "tandem-keys", "existingSecretKey": "key",
+             "kvExistingSecret": "tandem-kv", "kvExistingSecretKey": "secret"},
+    "redis": {"internal": {"auth": {"existingSecret": "tandem-redis", "existingSecretKey": "password"}}},
+}
 EVERYTHING_ON = {
     "ingress": {"enabled": True, "className": "nginx", "tls": [{"hosts": ["llm.example.local"], "secretName": "tls"}],
                 "hosts": [{"host": "llm.example.local", "paths": [{"path": "/", "pathType": "Prefix"}]}]},
@@ -134,6 +144,7 @@ VARIANTS = {
     "external-redis-tls": EXTERNAL_REDIS_TLS,
     "redis-own-secret": REDIS_OWN_SECRET,
     "redis-open": REDIS_OPEN,
+    "gitops-secrets": GITOPS,
     "ray-autoscaler": RAY_AUTOSCALER,
     "serve-autoscaling": pytest.param(
         SERVE_AUTOSCALING,
@@ -291,7 +302,8 @@ def test_rayservice_structure(variant):
     assert all(isinstance(value, str) for value in head["rayStartParams"].values())
     for template in pod_specs(rayservice).values():
         (container,) = template["spec"]["containers"]
-        assert container["image"] == f"{values['image']['repository']}:{values['image']['tag']}"
+        tag = values["image"]["tag"] or yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+        assert container["image"] == f"{values['image']['repository']}:{tag}"
         assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
         (shm,) = [v for v in template["spec"]["volumes"] if v["name"] == "dshm"]
         assert shm["emptyDir"]["medium"] == "Memory"
@@ -485,8 +497,9 @@ def test_kv_secret_reaches_every_pod(variant):
     name = values["auth"].get("kvExistingSecret") or f"{FULLNAME}-kv"
     if not values["auth"].get("kvExistingSecret"):
         assert len(base64.b64decode(one(docs, "Secret", name)["data"]["kv-secret"])) >= 32
+    key = values["auth"]["kvExistingSecretKey"] if values["auth"].get("kvExistingSecret") else "kv-secret"
     for template in pod_specs(rayservice).values():
-        assert env_of(template)["TANDEM_KV_CONNECTOR__AUTH_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == name
+        assert env_of(template)["TANDEM_KV_CONNECTOR__AUTH_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}
 
 
 def test_selectors_match_pods(variant):
