@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.install-stamp-$(subst $(comma),-,$(EXTRAS))
 
 PYTEST_ARGS ?=
 
-.PHONY: install model run up down status test test-unit test-cluster lint loadtest clean
+.PHONY: install model run up down status test test-unit test-cluster lint loadtest image clean
 
 install: $(STAMP)
 
@@ -56,6 +56,12 @@ lint: install
 LOADTEST_ARGS ?=
 loadtest: install
 	$(BIN)/tandem loadtest $(LOADTEST_ARGS)
+
+# The container image (Dockerfile) with docker or podman: IMAGE, BASE_IMAGE, EXTRAS, BAKE_MODEL
+# (scripts/image.sh). Without a registry: BASE_IMAGE from scripts/debian-base.sh.
+IMAGE ?= tandem:latest
+image:
+	IMAGE=$(IMAGE) bash scripts/image.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

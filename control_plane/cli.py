@@ -103,6 +103,9 @@ def up(
     allow_unauthenticated: bool = typer.Option(
         False, "--allow-unauthenticated", help="Serve a non-loopback address without API keys."
     ),
+    block: bool = typer.Option(
+        False, "--block", help="Stay in the foreground; on SIGTERM/SIGINT drain and stop (a container's main process)."
+    ),
 ) -> None:
     """Start Redis, Ray and the Serve app; print the URL when it answers."""
     overrides: dict[str, Any] = {
@@ -178,6 +181,22 @@ def up(
         soft_wrap=True,
         highlight=False,
     )
+    if block:
+        _block_until_signalled()
+        down(grace=None, config=config)
+
+
+def _block_until_signalled() -> None:
+    """Wait for SIGTERM or SIGINT (a container runtime stopping its main process)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print("serving in the foreground; SIGTERM or Ctrl-C drains and stops")
+    while not stop.wait(1.0):
+        pass
 
 
 KV_SECRET_FILE = "kv-secret"

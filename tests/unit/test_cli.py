@@ -71,3 +71,19 @@ def test_every_disaggregated_app_gets_a_kv_secret(tmp_path, monkeypatch):
     assert path.read_text() == kept and (path.stat().st_mode & 0o777) == 0o600
     assert _cluster_kv_secret() == kept
     assert with_kv_secret(bare, kept).kv_connector.auth_secret == kept
+
+
+def test_up_block_returns_on_sigterm_so_the_container_can_drain():
+    import os
+    import signal
+    import threading
+
+    from control_plane import cli
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        cli._block_until_signalled()  # returns instead of dying: `up --block` then runs `down`
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
