@@ -65,10 +65,17 @@ def wait_replaced(app_name: str, deployment: str, killed: str, count: int = 1, t
         timeout_s=max(1.0, deadline - time.monotonic()))
 
 
-def engine_core_pids() -> set[int]:
-    """vLLM engine-core processes on this machine (they name themselves VLLM::EngineCore)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    return {int(line.split(None, 1)[0]) for line in out.splitlines() if "VLLM::EngineCore" in line}
+def engine_core_pids(owner: str | None = None) -> set[int]:
+    """vLLM engine-core processes on this machine (they name themselves VLLM::EngineCore);
+    with ``owner``, only those whose parent's command line contains it (e.g.
+    "ServeReplica:tandem:DecodeWorker": the engines of one deployment's replicas)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    args = {int(row[0]): row[2] if len(row) > 2 else "" for row in rows}
+    return {
+        int(pid) for pid, ppid, *rest in rows
+        if rest and "VLLM::EngineCore" in rest[0] and (owner is None or owner in args.get(int(ppid), ""))
+    }
 
 
 def stop_redis() -> int:
