@@ -73,7 +73,8 @@ def test_link_cut_mid_transfer_recomputes_and_leaks_nothing(cluster: BoxCluster,
     assert "error" not in answer, answer.get("error")
     # The pull ended at its deadline and decode recomputed the prompt.
     assert answer["content"] == expected
-    assert _failed_pulls(http) > failed_before
+    # (Workers publish their counters with their heartbeat, every few seconds.)
+    wait_until(lambda: _failed_pulls(http) > failed_before, 30, what="the failed pull counted")
     _set_link(cluster, prefill, LINK, True)
     # Prefill frees the unpulled KV at the TTL; decode freed what it had allocated.
     assert cluster.blocks_free("DecodeWorker", 60)
