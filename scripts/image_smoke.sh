@@ -2,7 +2,7 @@
 # Prove an image serves: run it, wait for /health, ask the README's question, run `tandem
 # status` inside, stop it (SIGTERM: drain and stop) and check it exited 0.
 #   bash scripts/image_smoke.sh [IMAGE]        # default tandem:latest; PORT=8000
-# With podman it uses runc and the host's ulimits when runc is installed (see image.sh).
+# With podman it uses runc when installed and modest ulimits (see image.sh).
 set -euo pipefail
 IMAGE=${1:-tandem:latest}
 PORT=${PORT:-8000}
@@ -12,8 +12,10 @@ run_args=(run -d --name "$NAME" --shm-size 2g -p "127.0.0.1:$PORT:8000")
 if [ "$(basename "$ENGINE")" = podman ]; then
   runtime=${CONTAINER_RUNTIME:-$(command -v runc >/dev/null && echo runc || true)}
   [ -n "$runtime" ] && run_args+=(--runtime "$runtime")
-  lim() { local v; v=$(ulimit "$1"); [ "$v" = unlimited ] && echo -1 || echo "$v"; }
-  run_args+=(--ulimit "nofile=$(lim -Sn):$(lim -Hn)" --ulimit "nproc=$(lim -Su):$(lim -Hu)")
+  # Limits the runtime may set on VMs that refuse podman's defaults (override with
+  # CONTAINER_ULIMITS, e.g. "--ulimit nofile=65536:65536").
+  read -r -a limits <<<"${CONTAINER_ULIMITS:---ulimit nofile=1024:1024 --ulimit nproc=4096:4096}"
+  run_args+=("${limits[@]}")
 fi
 trap '"$ENGINE" rm -f "$NAME" >/dev/null 2>&1 || true' EXIT
 started=$(date +%s)
