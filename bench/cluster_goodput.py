@@ -68,7 +68,7 @@ def _plot(rows: list[dict[str, Any]], rates: list[str], sizes_mib: list[int]) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(s for s in sizes_mib if s >= 16) if any(s >= 16 for s in sizes_mib) else max(sizes_mib)
+    size = max(sizes_mib)
     fig, ax = plt.subplots(figsize=(8, 4))
     kinds = sorted({r["transport"] for r in rows}, key=KINDS.index)
     width = 0.8 / len(kinds)

@@ -127,7 +127,7 @@ def check_name(value: str) -> str:
 def default_roles(nodes: int) -> list[list[NodeRole]]:
     """head, prefill, decode, then alternating decode and prefill nodes."""
     if nodes < 2:
-        raise BoxError("a box has at least 2 nodes (head + prefill + decode on 2 is --roles head+prefill,decode)")
+        raise BoxError("a box has at least 2 nodes (with 2: head+prefill, decode)")
     if nodes == 2:
         return [["head", "prefill"], ["decode"]]
     extra: list[list[NodeRole]] = [["decode"] if i % 2 == 0 else ["prefill"] for i in range(nodes - 3)]
