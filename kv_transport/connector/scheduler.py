@@ -11,11 +11,19 @@ worker side as `TandemConnectorMetadata`, built once per engine step.
   prefix hit as an asynchronous external hit, and pulls them into the blocks vLLM
   allocated. A transfer it will never pull is released, so the publisher frees its blocks
   before the TTL.
+- Shared transfers: vLLM runs a request with ``n > 1`` as n child requests that all carry
+  the parent's ``kv_transfer_params``. One of them pulls; the others wait (an unknown
+  match, which vLLM's scheduler retries each step) until its blocks have landed and been
+  cached, then take them from the local prefix cache. So the prompt crosses the link once
+  for all n samples; if the pull fails or nothing is pulled, each computes its own.
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -29,13 +37,18 @@ from kv_transport.connector.metadata import (
     TandemConnectorMetadata,
     TransferDescription,
 )
-from kv_transport.contract import KV_PROFILE_PARAM, PARAMS_KEY, SLO_CLASS_PARAM
+from kv_transport.contract import PARAMS_KEY, PrefillAsk, handoff_params
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = init_logger("vllm.tandem.kv")
+
+# Transfers this engine is done with, remembered so that a late sibling does not pull (or
+# release) again: a few steps' worth is enough, this bounds the memory.
+_DONE_REMEMBERED = 4096
 
 # Only a request that ran to its end has the whole prompt's KV to hand over.
 _HANDED_OVER = (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
@@ -43,6 +56,24 @@ _HANDED_OVER = (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STO
 
 def _blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+class Phase(enum.Enum):
+    OPEN = "open"  # nobody pulls it yet
+    PULLING = "pulling"  # one member pulls; the others wait
+    LANDED = "landed"  # pulled and cached: the others hit it in the local prefix cache
+    NOT_PULLED = "not_pulled"  # failed or never pulled: each member computes its own prompt
+
+
+@dataclass
+class SharedTransfer:
+    """The decode requests of this engine that carry one transfer (the n children of one
+    request), and which of them pulls it."""
+
+    transfer: TransferDescription
+    members: set[str] = field(default_factory=set)
+    puller: str | None = None
+    phase: Phase = Phase.OPEN
 
 
 class TandemConnectorScheduler:
@@ -53,6 +84,9 @@ class TandemConnectorScheduler:
         self._sends: dict[str, SendSpec] = {}
         self._recvs: dict[str, RecvSpec] = {}
         self._releases: list[TransferDescription] = []
+        self._shared: dict[str, SharedTransfer] = {}  # by transfer id
+        self._pulling: dict[str, str] = {}  # request id -> the transfer id it pulls
+        self._done: OrderedDict[str, Phase] = OrderedDict()  # transfer id -> how it ended
 
     @staticmethod
     def _incoming(request: Request) -> TransferDescription | None:
@@ -70,10 +104,49 @@ class TandemConnectorScheduler:
             params["do_remote_prefill"] = False
             return None
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def _join(self, request: Request, transfer: TransferDescription) -> SharedTransfer:
+        shared = self._shared.get(transfer.transfer_id)
+        if shared is None:
+            phase = self._done.get(transfer.transfer_id, Phase.OPEN)
+            shared = self._shared[transfer.transfer_id] = SharedTransfer(transfer, phase=phase)
+        shared.members.add(request.request_id)
+        return shared
+
+    def _leave(self, request: Request, shared: SharedTransfer | None) -> None:
+        """``request`` no longer waits on the transfer (consumed, or finished); a transfer
+        nobody pulled or will pull is released to its publisher."""
+        request.kv_transfer_params["do_remote_prefill"] = False
+        if shared is None:
+            return
+        shared.members.discard(request.request_id)
+        if shared.puller == request.request_id and shared.phase is Phase.OPEN:
+            shared.puller = None  # another member may pull it
+        if not shared.members and shared.phase is not Phase.PULLING:
+            self._forget(shared)
+            if shared.phase is Phase.OPEN:
+                self._releases.append(shared.transfer)
+
+    def _forget(self, shared: SharedTransfer) -> None:
+        transfer_id = shared.transfer.transfer_id
+        del self._shared[transfer_id]
+        self._done[transfer_id] = Phase.NOT_PULLED if shared.phase is Phase.OPEN else shared.phase
+        while len(self._done) > _DONE_REMEMBERED:
+            self._done.popitem(last=False)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         transfer = self._incoming(request)
         if transfer is None:
             return 0, False
+        shared = self._join(request, transfer)
+        if shared.phase in (Phase.LANDED, Phase.NOT_PULLED):
+            # A sibling's pull is over: its blocks (if it landed) are in the prefix cache,
+            # which vLLM's scheduler has just looked up for this request.
+            self._leave(request, shared)
+            return 0, False
+        if shared.puller is None:
+            shared.puller = request.request_id
+        if shared.puller != request.request_id:
+            return None, False  # a sibling pulls it: ask again next step
         available = min(transfer.num_tokens, request.num_prompt_tokens)
         count = available - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
@@ -82,8 +155,14 @@ class TandemConnectorScheduler:
         transfer = self._incoming(request)
         if transfer is None:
             return
+        shared = self._join(request, transfer)
         if num_external_tokens == 0:
-            self._release(request, transfer)
+            # Nothing to load (a local hit covers it, or the request skips cached KV):
+            # when it was this request's to pull, nobody pulls it.
+            if shared.phase is Phase.OPEN and shared.puller in (None, request.request_id):
+                shared.phase = Phase.NOT_PULLED
+                self._releases.append(transfer)
+            self._leave(request, shared)
             return
         block_ids = list(blocks.get_block_ids()[0])
         num_tokens = min(transfer.num_tokens, request.num_prompt_tokens)
@@ -94,12 +173,26 @@ class TandemConnectorScheduler:
         self._recvs[request.request_id] = RecvSpec(
             transfer=transfer, block_ids=block_ids[first_block:needed], first_block=first_block
         )
-        # Consumed: a retry of this request must not pull again.
+        if shared.phase is Phase.OPEN:
+            shared.puller, shared.phase = request.request_id, Phase.PULLING
+        self._pulling[request.request_id] = transfer.transfer_id
+        # Consumed: a retry of this request must not pull again. It stays a member until
+        # its pull is reported.
         request.kv_transfer_params["do_remote_prefill"] = False
 
-    def _release(self, request: Request, transfer: TransferDescription) -> None:
-        self._releases.append(transfer)
-        request.kv_transfer_params["do_remote_prefill"] = False
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        """The worker side reports finished pulls: the siblings waiting on one may go."""
+        failed = output.failed_recving or set()
+        for request_id in output.finished_recving or ():
+            transfer_id = self._pulling.pop(request_id, None)
+            shared = self._shared.get(transfer_id) if transfer_id is not None else None
+            if shared is None:
+                continue
+            if shared.puller == request_id and shared.phase is Phase.PULLING:
+                shared.phase = Phase.NOT_PULLED if request_id in failed else Phase.LANDED
+            shared.members.discard(request_id)
+            if not shared.members:
+                self._forget(shared)
 
     def build_connector_meta(self) -> TandemConnectorMetadata:
         meta = TandemConnectorMetadata(sends=self._sends, recvs=self._recvs, releases=self._releases)
@@ -111,8 +204,11 @@ class TandemConnectorScheduler:
         transfer = self._incoming(request)
         if transfer is not None:
             # A decode request that ended before its KV was pulled (e.g. aborted while
-            # queued): free the prefill worker's copy now.
-            self._release(request, transfer)
+            # queued): the prefill worker's copy is freed now, unless a sibling pulls it.
+            shared = self._shared.get(transfer.transfer_id)
+            if shared is None:
+                self._releases.append(transfer)
+            self._leave(request, shared)
             return False, None
         if not params or not params.get("do_remote_decode"):
             return False, None
@@ -127,10 +223,9 @@ class TandemConnectorScheduler:
         if not blocks:
             return False, None
         transfer_id = secrets.token_hex(16)  # 128-bit, unguessable, single use
-        slo_class = str(params.get(SLO_CLASS_PARAM) or self.config.default_slo_class)
-        pinned = params.get(KV_PROFILE_PARAM)
+        ask = PrefillAsk.from_params(params)
         self._sends[request.request_id] = SendSpec(
-            transfer_id, blocks, num_tokens, slo_class, pinned if isinstance(pinned, str) else ""
+            transfer_id, blocks, num_tokens, ask.slo_class or self.config.default_slo_class, ask.kv_profile or ""
         )
         transfer = TransferDescription(
             transfer_id=transfer_id,
@@ -139,4 +234,4 @@ class TandemConnectorScheduler:
             num_blocks=len(blocks),
             block_size=self.block_size,
         )
-        return True, {"do_remote_prefill": True, "do_remote_decode": False, PARAMS_KEY: transfer.to_params()}
+        return True, handoff_params(transfer)

@@ -55,8 +55,11 @@ def _transfer(num_tokens: int, transfer_id: str = "ab" * 16) -> TransferDescript
     return TransferDescription(transfer_id, dict(ADDRESS), num_tokens, -(-num_tokens // BLOCK_SIZE), BLOCK_SIZE)
 
 
-def _decode_request(prompt_tokens: int, transfer_tokens: int, request_id: str = "decode-1") -> FakeRequest:
-    params = {"do_remote_prefill": True, "do_remote_decode": False, PARAMS_KEY: _transfer(transfer_tokens).to_params()}
+def _decode_request(
+    prompt_tokens: int, transfer_tokens: int, request_id: str = "decode-1", transfer_id: str = "ab" * 16
+) -> FakeRequest:
+    params = {"do_remote_prefill": True, "do_remote_decode": False,
+              PARAMS_KEY: _transfer(transfer_tokens, transfer_id).to_params()}
     return FakeRequest(request_id, params, prompt_tokens)
 
 
@@ -167,8 +170,8 @@ def test_a_finished_prefill_hands_over_its_prompts_blocks(status):
     assert delay_free is True
     transfer = params[PARAMS_KEY]
     assert params == {"do_remote_prefill": True, "do_remote_decode": False, PARAMS_KEY: transfer}
-    # The description's keys, in the order clients have always seen them.
-    assert list(transfer) == ["transfer_id", "address", "num_tokens", "num_blocks", "block_size"]
+    # The description's keys, in the order clients have always seen them, then its version.
+    assert list(transfer) == ["transfer_id", "address", "num_tokens", "num_blocks", "block_size", "version"]
     assert transfer["address"] == ADDRESS
     assert (transfer["num_tokens"], transfer["num_blocks"], transfer["block_size"]) == (40, 3, BLOCK_SIZE)
     assert len(transfer["transfer_id"]) == 32 and int(transfer["transfer_id"], 16) >= 0
@@ -239,7 +242,7 @@ def test_each_step_drains_the_queues():
     scheduler = _scheduler()
     scheduler.request_finished(_prefill_request(40, RequestStatus.FINISHED_STOPPED), [3, 4, 5])
     scheduler.update_state_after_alloc(_decode_request(40, 40, "pull"), FakeBlocks([7, 8, 9]), 40)
-    scheduler.update_state_after_alloc(_decode_request(40, 40, "release"), FakeBlocks([1, 2, 3]), 0)
+    scheduler.update_state_after_alloc(_decode_request(40, 40, "release", "cd" * 16), FakeBlocks([1, 2, 3]), 0)
     meta = scheduler.build_connector_meta()
     assert (list(meta.sends), list(meta.recvs), len(meta.releases)) == (["prefill-1"], ["pull"], 1)
     empty = scheduler.build_connector_meta()
@@ -297,3 +300,123 @@ def test_the_advertised_address_is_the_configured_listener():
     assert ConnectorConfig(transport="nixl", host="10.0.0.8", port=5).advertised_address == {
         "transport": "nixl", "host": "10.0.0.8", "port": 5,
     }
+
+
+# ---- one transfer shared by the n children of a request ---------------------------------
+
+
+@dataclass
+class FakeOutput:
+    """vLLM's KVConnectorOutput as the scheduler side reads it."""
+
+    finished_recving: set[str] | None = None
+    failed_recving: set[str] = field(default_factory=set)
+
+
+def _children(n: int, prompt_tokens: int = 40) -> list[FakeRequest]:
+    # vLLM names a parent's children "{index}_{parent id}"; each has its own copy of the params.
+    return [_decode_request(prompt_tokens, prompt_tokens, f"{i}_cmpl-1") for i in range(n)]
+
+
+def test_the_first_child_pulls_and_its_siblings_wait():
+    scheduler = _scheduler()
+    first, *rest = _children(3)
+    assert scheduler.get_num_new_matched_tokens(first, 0) == (40, True)
+    for child in rest:
+        assert scheduler.get_num_new_matched_tokens(child, 0) == (None, False)  # asked again next step
+    scheduler.update_state_after_alloc(first, FakeBlocks([7, 8, 9]), 40)
+    meta = scheduler.build_connector_meta()
+    assert list(meta.recvs) == ["0_cmpl-1"] and not meta.releases
+    # While the pull runs, they keep waiting.
+    assert scheduler.get_num_new_matched_tokens(rest[0], 0) == (None, False)
+
+
+def test_once_the_pull_landed_the_siblings_take_the_prefix_cache():
+    scheduler = _scheduler()
+    first, second, third = _children(3)
+    scheduler.get_num_new_matched_tokens(first, 0)
+    scheduler.get_num_new_matched_tokens(second, 0)
+    scheduler.update_state_after_alloc(first, FakeBlocks([7, 8, 9]), 40)
+    assert list(scheduler.build_connector_meta().recvs) == ["0_cmpl-1"]
+    scheduler.update_connector_output(FakeOutput(finished_recving={"0_cmpl-1"}))
+    # vLLM cached the landed blocks: the sibling's local hit is 32 tokens (2 whole blocks);
+    # it loads nothing external and computes the partial block's 8 tokens itself.
+    for child in (second, third):
+        assert scheduler.get_num_new_matched_tokens(child, 32) == (0, False)
+        scheduler.update_state_after_alloc(child, FakeBlocks([7, 8, 12]), 0)
+        assert child.kv_transfer_params["do_remote_prefill"] is False
+    meta = scheduler.build_connector_meta()
+    assert not meta.recvs and not meta.releases  # pulled once, released by nobody
+    assert not scheduler._shared and not scheduler._pulling  # nothing left behind but a bounded memory
+
+
+def test_a_failed_pull_lets_each_sibling_compute_its_own_prompt():
+    scheduler = _scheduler()
+    first, second = _children(2)
+    scheduler.get_num_new_matched_tokens(first, 0)
+    scheduler.update_state_after_alloc(first, FakeBlocks([7, 8, 9]), 40)
+    assert scheduler.get_num_new_matched_tokens(second, 0) == (None, False)
+    scheduler.update_connector_output(FakeOutput(finished_recving={"0_cmpl-1"}, failed_recving={"0_cmpl-1"}))
+    assert scheduler.get_num_new_matched_tokens(second, 0) == (0, False)
+    scheduler.build_connector_meta()
+    assert not scheduler._shared
+
+
+def test_a_puller_aborted_before_its_blocks_were_allocated_hands_the_pull_on():
+    scheduler = _scheduler()
+    first, second = _children(2)
+    assert scheduler.get_num_new_matched_tokens(first, 0) == (40, True)
+    assert scheduler.get_num_new_matched_tokens(second, 0) == (None, False)
+    first.status = RequestStatus.FINISHED_ABORTED
+    assert scheduler.request_finished(first, []) == (False, None)
+    assert not scheduler.build_connector_meta().releases  # the sibling still wants it
+    assert scheduler.get_num_new_matched_tokens(second, 0) == (40, True)
+    scheduler.update_state_after_alloc(second, FakeBlocks([4, 5, 6]), 40)
+    assert list(scheduler.build_connector_meta().recvs) == ["1_cmpl-1"]
+
+
+def test_when_every_child_ended_before_a_pull_the_transfer_is_released_once():
+    scheduler = _scheduler()
+    children = _children(3)
+    for child in children:
+        scheduler.get_num_new_matched_tokens(child, 0)
+    for child in children:
+        child.status = RequestStatus.FINISHED_ABORTED
+        scheduler.request_finished(child, [])
+    assert scheduler.build_connector_meta().releases == [_transfer(40)]
+    assert not scheduler._shared
+
+
+def test_a_puller_with_nothing_to_load_releases_and_frees_its_siblings():
+    scheduler = _scheduler()
+    first, second = _children(2)
+    # Its prompt is already in the local cache (the scheduler zeroes the hit, or it asks
+    # with the whole prompt computed): nobody pulls, the publisher is told at once.
+    assert scheduler.get_num_new_matched_tokens(first, 40) == (0, False)
+    scheduler.update_state_after_alloc(first, FakeBlocks([7, 8, 9]), 0)
+    assert scheduler.get_num_new_matched_tokens(second, 40) == (0, False)
+    scheduler.update_state_after_alloc(second, FakeBlocks([7, 8, 9]), 0)
+    assert scheduler.build_connector_meta().releases == [_transfer(40)]
+    assert not scheduler._shared
+
+
+def test_a_sibling_aborted_while_the_pull_runs_releases_nothing():
+    scheduler = _scheduler()
+    first, second = _children(2)
+    scheduler.get_num_new_matched_tokens(first, 0)
+    scheduler.update_state_after_alloc(first, FakeBlocks([7, 8, 9]), 40)
+    scheduler.get_num_new_matched_tokens(second, 0)
+    second.status = RequestStatus.FINISHED_ABORTED
+    scheduler.request_finished(second, [])
+    meta = scheduler.build_connector_meta()
+    assert not meta.releases  # the puller is reading it
+    scheduler.update_connector_output(FakeOutput(finished_recving={"0_cmpl-1"}))
+    assert not scheduler._shared and not scheduler._pulling
+
+
+def test_a_description_from_a_newer_contract_is_refused_and_an_unversioned_one_read():
+    params = _transfer(40).to_params()
+    with pytest.raises(InvalidTransferParams, match="newer"):
+        TransferDescription.from_params({**params, "version": 99})
+    del params["version"]  # written before versions existed
+    assert TransferDescription.from_params(params) == _transfer(40)
