@@ -36,14 +36,7 @@ from starlette.requests import ClientDisconnect
 from control_plane.settings import TandemSettings, settings_from_dict
 from routing import admission, auth, drain, metrics, serve_router
 from routing.errors import OpenAIError, error_body, from_engine_error
-from routing.orchestrator import (
-    PrefillOutcome,
-    batch_prompts,
-    decode_body,
-    run_batch,
-    run_prefill_watched,
-    split_batch,
-)
+from routing.orchestrator import Orchestrator, RequestOptions
 from routing.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -207,10 +200,6 @@ app.add_middleware(auth.AuthMiddleware)
 # Serve pickles the FastAPI routes by value when @serve.ingress runs: helpers they use must be
 # defined above the class, and live process-wide objects (the Prometheus registry) must be
 # reached through their module, or the replica gets a frozen copy of them.
-async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
-    yield reply
-
-
 def _sse_error(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
@@ -394,6 +383,13 @@ class Ingress:
         self.decode = ServePool(decode) if decode is not None else None
         self.colocated = ServePool(colocated) if colocated is not None else None
         self.controller = controller
+        self._first_pool = "PrefillWorker" if self.mode == "disaggregated" else "ColocatedWorker"
+        self._needed_pool = "DecodeWorker" if self.mode == "disaggregated" else "ColocatedWorker"
+        self.orchestrator = Orchestrator(
+            self.mode, prefill=self.prefill, decode=self.decode, colocated=self.colocated,
+            recompute_on_prefill_failure=self.settings.routing.recompute_on_prefill_failure,
+            prefill_alive=self._prefill_alive,
+        )
         self._models_cache: dict[str, Any] | None = None
         metrics.include_workers(self.settings.redis_url, self.settings.app_name,
                                 metrics.link_key(self.settings.kv_connector.auth_secret))
@@ -404,8 +400,6 @@ class Ingress:
         limits = self.settings.admission
         admission.install_body_limit(limits.max_body_bytes)
         self._gate = admission.AdmissionGate(limits.max_in_flight, limits.max_predicted_ttft_s, limits.retry_after_s)
-        self._first_pool = "PrefillWorker" if self.mode == "disaggregated" else "ColocatedWorker"
-        self._needed_pool = "DecodeWorker" if self.mode == "disaggregated" else "ColocatedWorker"
         self._drain = drain.DrainWatcher(
             self.settings.redis_url, self.settings.app_name,
             serve.get_replica_context().replica_id.unique_id, lambda: self._gate.in_flight,
@@ -511,10 +505,6 @@ class Ingress:
             raise OpenAIError(400, f"Too many prompts: {len(prompt)} > {limits.max_prompts}.", param="prompt")
         if (body.n or 1) > limits.max_n:
             raise OpenAIError(400, f"n is too large: {body.n} > {limits.max_n}.", param="n")
-        if self.mode == "disaggregated" and ((body.n or 1) > 1 or (getattr(body, "best_of", None) or 1) > 1):
-            raise OpenAIError(
-                400, "n > 1 is not supported in disaggregated mode", param="n"
-            )
 
     async def _serve(
         self, endpoint: str, request: ChatCompletionRequest | CompletionRequest, http: Request
@@ -582,7 +572,7 @@ class Ingress:
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             async with asyncio.timeout(deadline):
-                replies = await self._start(endpoint, body, slo_class, kv_profile)
+                replies = await self.orchestrator.start(endpoint, body, RequestOptions(slo_class, kv_profile))
                 first = await anext(replies, None)
         except TimeoutError:
             raise OpenAIError(504, f"request timed out after {deadline:g}s") from None
@@ -627,52 +617,10 @@ class Ingress:
             )
         return slo_class
 
-    async def _start(
-        self, endpoint: str, body: dict[str, Any], slo_class: str, kv_profile: str | None = None
-    ) -> AsyncIterator[WorkerReply]:
-        if self.mode == "colocated":
-            assert self.colocated is not None
-            return self.colocated.stream(endpoint, body)
-        prompts = batch_prompts(endpoint, body)
-        if prompts is not None:
-            # One prefill and one decode per prompt (a prefill answers with the KV of its
-            # first prompt only), all at once, each its own Serve call.
-            assert self.prefill is not None and self.decode is not None
-            pools = (self.prefill.separately(), self.decode.separately())
-            return run_batch(
-                [self._start_one(endpoint, one, slo_class, kv_profile, pools) for one in split_batch(body, prompts)],
-                n=int(body.get("n") or 1),
-            )
-        return await self._start_one(endpoint, body, slo_class, kv_profile)
-
-    async def _start_one(
-        self,
-        endpoint: str,
-        body: dict[str, Any],
-        slo_class: str,
-        kv_profile: str | None = None,
-        pools: tuple[ServePool, ServePool] | None = None,
-    ) -> AsyncIterator[WorkerReply]:
-        assert self.prefill is not None and self.decode is not None
-        prefill_pool, decode_pool = pools or (self.prefill, self.decode)
-        prefill_started = time.monotonic()
-        # An empty prefill pool means replicas died, never "scaled to zero" (settings require
-        # at least one): decode serves instead of waiting for a replacement engine.
+    def _prefill_alive(self) -> bool:
+        """Whether the prefill pool has a replica (unknown counts as yes)."""
         router = serve_router.router_for(self.settings.app_name, self._first_pool)
-        prefill = await run_prefill_watched(
-            prefill_pool, endpoint, body, slo_class, kv_profile,
-            pool_has_replicas=(lambda: router.replica_count() > 0) if router is not None else None,
-        )
-        metrics.PREFILL_SECONDS.observe(time.monotonic() - prefill_started)
-        if prefill.outcome == PrefillOutcome.CLIENT_ERROR:
-            assert prefill.error is not None
-            return _single(prefill.error)
-        if prefill.outcome == PrefillOutcome.FAILED:
-            if not self.settings.routing.recompute_on_prefill_failure:
-                raise OpenAIError(502, f"prefill failed: {prefill.reason}")
-            log.warning("prefill failed (%s); decode recomputes the prompt", prefill.reason)
-            metrics.RECOMPUTES.labels(prefill.reason.split(":")[0][:64]).inc()
-        return decode_pool.stream(endpoint, decode_body(body, prefill))
+        return router is None or router.replica_count() > 0
 
     async def _sse(
         self,

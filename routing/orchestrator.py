@@ -1,23 +1,42 @@
-"""The P/D orchestration of one request, independent of Ray.
+"""The P/D orchestration of one client request, independent of Ray and HTTP.
 
-Disaggregated: prefill with ``max_tokens=1`` and ``kv_transfer_params.do_remote_decode``,
-then decode with the ``kv_transfer_params`` the prefill returned, streamed back. If the
-prefill step fails for any reason other than the client's own input, decode recomputes the
-prompt itself: a request is never failed for a broken prefill worker or KV handoff.
+`Orchestrator.start` owns a request's whole plan, and the ingress only calls it: split a
+batched completions body into one plan per prompt, prefill (``max_tokens=1`` and a
+`PrefillAsk` in ``kv_transfer_params``), hand the prefill's `TransferDescription` to decode,
+stream decode's answer back with the prompt's part (prompt logprobs, echo) merged in from
+the prefill, and record the prefill step's metrics. If the prefill step fails for any
+reason other than the client's own input, decode recomputes the prompt itself: a request
+is never failed for a broken prefill worker or KV handoff.
+
+``n > 1`` costs one prefill and one transfer: the decode engine runs the n samples as
+children of one request, and the connector has one of them pull the KV for all (see
+kv_transport/connector/scheduler.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kv_transport.contract import KV_PROFILE_PARAM, PREFILL_KV_PARAMS, SLO_CLASS_PARAM
-from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
+from kv_transport.contract import (
+    KV_PROFILE_PARAM,
+    PARAMS_KEY,
+    SLO_CLASS_PARAM,
+    InvalidTransferParams,
+    PrefillAsk,
+    TransferDescription,
+)
+from routing import metrics
+from routing.errors import OpenAIError
+from routing.merge import PromptPart, batch_prompts, run_batch, split_batch
+from workers.engine import ERROR, RESPONSE, WorkerReply
+
+__all__ = ["KV_PROFILE_PARAM", "SLO_CLASS_PARAM", "Orchestrator", "RequestOptions", "WorkerPool"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +45,11 @@ class WorkerPool(Protocol):
     """A pool of engines of one role; the ingress binds it to a Serve deployment handle."""
 
     def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[WorkerReply]: ...
+
+    def separately(self) -> WorkerPool:
+        """The same pool, each call its own request to the pool's router (for the
+        concurrent calls of one batched request)."""
+        ...
 
 
 class PrefillOutcome:
@@ -40,22 +64,38 @@ class PrefillResult:
     kv_transfer_params: dict[str, Any] | None = None
     error: WorkerReply | None = None
     reason: str = ""
+    response: dict[str, Any] | None = None  # the prefill's whole answer (the prompt's part)
 
 
-def prefill_body(body: dict[str, Any], slo_class: str | None = None, kv_profile: str | None = None) -> dict[str, Any]:
+def prefill_body(
+    body: dict[str, Any], slo_class: str | None = None, kv_profile: str | None = None,
+    prompt_part: PromptPart | None = None,
+) -> dict[str, Any]:
+    """The prefill engine's body: one token, one sample, not streamed, asking for KV."""
     out = {k: v for k, v in body.items() if k not in ("stream_options", "n", "best_of")}
-    params = dict(PREFILL_KV_PARAMS)
-    if slo_class is not None:
-        params[SLO_CLASS_PARAM] = slo_class
-    if kv_profile is not None:
-        params[KV_PROFILE_PARAM] = kv_profile
-    out.update(stream=False, max_tokens=1, kv_transfer_params=params)
+    out.update(stream=False, max_tokens=1, kv_transfer_params=PrefillAsk(slo_class, kv_profile).to_params())
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
     # Stop strings and min_tokens could end the 1-token prefill differently; they matter
     # only to decode.
     out.pop("min_tokens", None)
+    if prompt_part is not None:
+        prompt_part.prefill_fields(out)
     return out
+
+
+def checked_handoff(params: Any) -> str | None:
+    """Why a prefill's ``kv_transfer_params`` cannot be handed to decode (None: they can).
+    Tandem's own descriptions are checked against the contract; another connector's (vLLM's
+    NixlConnector) pass as they are."""
+    if not isinstance(params, dict) or not params:
+        return "prefill returned no kv_transfer_params"
+    if PARAMS_KEY in params:
+        try:
+            TransferDescription.from_params(params[PARAMS_KEY])
+        except InvalidTransferParams as exc:
+            return f"prefill returned an invalid transfer description: {exc}"
+    return None
 
 
 async def run_prefill(
@@ -64,23 +104,24 @@ async def run_prefill(
     body: dict[str, Any],
     slo_class: str | None = None,
     kv_profile: str | None = None,
+    prompt_part: PromptPart | None = None,
 ) -> PrefillResult:
     try:
         # Closed explicitly, also when this task is cancelled: closing the stream is what
         # aborts the engine request on the prefill replica.
-        async with contextlib.aclosing(pool.stream(endpoint, prefill_body(body, slo_class, kv_profile))) as replies:
+        ask = prefill_body(body, slo_class, kv_profile, prompt_part)
+        async with contextlib.aclosing(pool.stream(endpoint, ask)) as replies:
             async for reply in replies:
                 if reply.kind == ERROR:
                     if 400 <= reply.status < 500:
                         return PrefillResult(PrefillOutcome.CLIENT_ERROR, error=reply)
                     return PrefillResult(PrefillOutcome.FAILED, reason=f"prefill error {reply.status}")
                 if reply.kind == RESPONSE:
-                    params = reply.body.get("kv_transfer_params")
-                    if not params:
-                        return PrefillResult(
-                            PrefillOutcome.FAILED, reason="prefill returned no kv_transfer_params"
-                        )
-                    return PrefillResult(PrefillOutcome.OK, kv_transfer_params=params)
+                    params = reply.body.get("kv_transfer_params") if isinstance(reply.body, dict) else None
+                    problem = checked_handoff(params)
+                    if problem is not None:
+                        return PrefillResult(PrefillOutcome.FAILED, reason=problem)
+                    return PrefillResult(PrefillOutcome.OK, kv_transfer_params=params, response=reply.body)
         return PrefillResult(PrefillOutcome.FAILED, reason="prefill returned nothing")
     except Exception as exc:  # noqa: BLE001 - any worker failure means "recompute"
         log.warning("prefill failed, decode will recompute: %r", exc)
@@ -98,16 +139,17 @@ async def run_prefill_watched(
     kv_profile: str | None = None,
     pool_has_replicas: Callable[[], bool] | None = None,
     poll_s: float = 0.5,
+    prompt_part: PromptPart | None = None,
 ) -> PrefillResult:
     """`run_prefill`, given up for decode to recompute as soon as the prefill pool has no
     replica left. A request routed to a replica that then dies waits at the router for a
     replacement, which takes as long as an engine start (tens of seconds); decode can
     answer it in about one prefill time instead."""
     if pool_has_replicas is None:
-        return await run_prefill(pool, endpoint, body, slo_class, kv_profile)
+        return await run_prefill(pool, endpoint, body, slo_class, kv_profile, prompt_part)
     if not pool_has_replicas():
         return PrefillResult(PrefillOutcome.FAILED, reason=NO_PREFILL_REPLICA)
-    task = asyncio.ensure_future(run_prefill(pool, endpoint, body, slo_class, kv_profile))
+    task = asyncio.ensure_future(run_prefill(pool, endpoint, body, slo_class, kv_profile, prompt_part))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=poll_s)
@@ -123,181 +165,99 @@ async def run_prefill_watched(
                 await task
 
 
-def decode_body(body: dict[str, Any], prefill: PrefillResult) -> dict[str, Any]:
+def decode_body(body: dict[str, Any], prefill: PrefillResult, prompt_part: PromptPart | None = None) -> dict[str, Any]:
+    """The decode engine's body: the client's, with the prefill's handoff. Without one
+    (recompute), the client's body as it is: decode computes everything, the prompt's part
+    included."""
     out = dict(body)
     if prefill.outcome == PrefillOutcome.OK:
+        if prompt_part is not None:
+            out = prompt_part.decode_fields(out)
         out["kv_transfer_params"] = prefill.kv_transfer_params
     return out
 
 
-# ---- batched prompts -------------------------------------------------------------------
-#
-# A /v1/completions body may carry a list of prompts. A vLLM server answers it as one
-# request, but its P/D path does not: the prefill response carries only the first prompt's
-# kv_transfer_params, so every decode would pull the first prompt's KV. Disaggregated, each
-# prompt is therefore its own prefill and decode, and the answers are merged back into the
-# one response a vLLM server returns for the whole body: choices in prompt order (index =
-# prompt * n + choice), usage summed.
+async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
+    yield reply
 
 
-def batch_prompts(endpoint: str, body: dict[str, Any]) -> list[Any] | None:
-    """The prompts of a batched completions body (a list of strings or of token-id lists),
-    or None for a single prompt (a string or one list of token ids)."""
-    if endpoint != "completions":
-        return None
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        return list(prompt)
-    return None
+@dataclass(frozen=True)
+class RequestOptions:
+    """What the ingress read from the request besides its body."""
+
+    slo_class: str | None = None  # x-tandem-slo-class
+    kv_profile: str | None = None  # x-tandem-kv-profile
 
 
-def split_batch(body: dict[str, Any], prompts: list[Any]) -> list[dict[str, Any]]:
-    return [{**body, "prompt": prompt} for prompt in prompts]
+class Orchestrator:
+    """One request's whole plan over the worker pools of one app.
+
+    ``mode``: "disaggregated" (``prefill`` and ``decode``) or "colocated" (``colocated``).
+    ``prefill_alive``: whether the prefill pool has a replica now (an empty pool means its
+    replicas died: decode recomputes at once instead of waiting for a replacement)."""
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        prefill: WorkerPool | None = None,
+        decode: WorkerPool | None = None,
+        colocated: WorkerPool | None = None,
+        recompute_on_prefill_failure: bool = True,
+        prefill_alive: Callable[[], bool] | None = None,
+    ):
+        if mode == "disaggregated" and (prefill is None or decode is None):
+            raise ValueError("a disaggregated app needs prefill and decode pools")
+        if mode == "colocated" and colocated is None:
+            raise ValueError("a colocated app needs a colocated pool")
+        self.mode = mode
+        self.prefill, self.decode, self.colocated = prefill, decode, colocated
+        self.recompute_on_prefill_failure = recompute_on_prefill_failure
+        self.prefill_alive = prefill_alive
+
+    async def start(
+        self, endpoint: str, body: dict[str, Any], options: RequestOptions = RequestOptions()
+    ) -> AsyncIterator[WorkerReply]:
+        """Start the request; returns its replies (an error, one response, or a stream of
+        SSE chunks). Closing them aborts whatever still runs for it."""
+        if self.mode == "colocated":
+            assert self.colocated is not None
+            return self.colocated.stream(endpoint, body)
+        assert self.prefill is not None and self.decode is not None
+        prompts = batch_prompts(endpoint, body)
+        if prompts is not None:
+            # One prefill and one decode per prompt (a prefill answers with the KV of its
+            # first prompt only), all at once, each its own call to the pools.
+            pools = (self.prefill.separately(), self.decode.separately())
+            return run_batch(
+                [self._one(endpoint, one, options, *pools) for one in split_batch(body, prompts)],
+                n=int(body.get("n") or 1),
+            )
+        return await self._one(endpoint, body, options, self.prefill, self.decode)
+
+    async def _one(
+        self, endpoint: str, body: dict[str, Any], options: RequestOptions,
+        prefill_pool: WorkerPool, decode_pool: WorkerPool,
+    ) -> AsyncIterator[WorkerReply]:
+        prompt_part = PromptPart.needed(endpoint, body)
+        started = time.monotonic()
+        prefill = await run_prefill_watched(
+            prefill_pool, endpoint, body, options.slo_class, options.kv_profile,
+            pool_has_replicas=self.prefill_alive, prompt_part=prompt_part,
+        )
+        metrics.PREFILL_SECONDS.observe(time.monotonic() - started)
+        if prefill.outcome == PrefillOutcome.CLIENT_ERROR:
+            assert prefill.error is not None
+            return _single(prefill.error)
+        if prefill.outcome == PrefillOutcome.FAILED:
+            if not self.recompute_on_prefill_failure:
+                raise OpenAIError(502, f"prefill failed: {prefill.reason}")
+            log.warning("prefill failed (%s); decode recomputes the prompt", prefill.reason)
+            metrics.RECOMPUTES.labels(prefill.reason.split(":")[0][:64]).inc()
+        replies = decode_pool.stream(endpoint, decode_body(body, prefill, prompt_part))
+        if prompt_part is not None and prefill.outcome == PrefillOutcome.OK and prefill.response is not None:
+            prompt_part.take_prefill(prefill.response)
+            return prompt_part.merge_stream(replies)
+        return replies
 
 
-def _usage_sum(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {
-        key: sum(int(u.get(key) or 0) for u in usages)
-        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
-    }
-    details = [u["prompt_tokens_details"] for u in usages if u.get("prompt_tokens_details")]
-    if details:
-        # As vLLM reports a batch: the cache hits of its last prompt.
-        total["prompt_tokens_details"] = details[-1]
-    return total
-
-
-def merge_responses(responses: list[dict[str, Any]], n: int = 1) -> dict[str, Any]:
-    """One completions response for a batch, from each prompt's own response."""
-    merged = {key: value for key, value in responses[0].items() if key != "metrics"}
-    merged["choices"] = [
-        {**choice, "index": prompt * n + int(choice.get("index") or 0)}
-        for prompt, response in enumerate(responses)
-        for choice in response.get("choices") or []
-    ]
-    usages = [r["usage"] for r in responses if isinstance(r.get("usage"), dict)]
-    if usages:
-        merged["usage"] = _usage_sum(usages)
-    return merged
-
-
-_SSE_DONE = "[DONE]"
-
-
-def _sse_events(chunk: str) -> list[str]:
-    """The data of each SSE event in one chunk string ("data: ...\\n\\n", maybe several)."""
-    return [event[len("data: "):] for event in chunk.split("\n\n") if event.startswith("data: ")]
-
-
-class _StreamMerger:
-    """Rewrites each prompt's SSE chunks into the batch's: one id, choice indices offset by
-    the prompt, per-prompt usage chunks and [DONE] held back for one summed ending."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.id: str | None = None
-        self.created: int | None = None
-        self.usages: list[dict[str, Any]] = []
-        self.last: dict[str, Any] | None = None
-
-    def rewrite(self, prompt: int, chunk: str) -> str | None:
-        out = []
-        for data in _sse_events(chunk):
-            if data.strip() == _SSE_DONE:
-                continue
-            event = json.loads(data)
-            if not isinstance(event, dict) or "choices" not in event:
-                out.append(data)  # an error event: passed on as it is
-                continue
-            if self.id is None:
-                self.id, self.created = event.get("id"), event.get("created")
-            event["id"], event["created"] = self.id, self.created
-            if not event["choices"] and isinstance(event.get("usage"), dict):
-                self.usages.append(event["usage"])  # this prompt's final usage chunk
-                self.last = event
-                continue
-            for choice in event["choices"]:
-                choice["index"] = prompt * self.n + int(choice.get("index") or 0)
-            out.append(json.dumps(event, separators=(",", ":")))
-        return "".join(f"data: {data}\n\n" for data in out) or None
-
-    def ending(self) -> str:
-        tail = ""
-        if self.last is not None:
-            final = {key: value for key, value in self.last.items() if key != "metrics"}
-            final["usage"] = _usage_sum(self.usages)
-            tail = f"data: {json.dumps(final, separators=(',', ':'))}\n\n"
-        return tail + f"data: {_SSE_DONE}\n\n"
-
-
-_END = object()
-
-
-async def run_batch(
-    starts: list[Awaitable[AsyncIterator[WorkerReply]]], n: int = 1
-) -> AsyncIterator[WorkerReply]:
-    """Run each prompt's orchestration (``starts``: one awaitable per prompt that returns
-    its reply stream) concurrently and merge their replies into one request's: a response,
-    a stream, or the first error any prompt met (the others are then aborted)."""
-    tasks = [asyncio.ensure_future(start) for start in starts]
-    streams: list[AsyncIterator[WorkerReply]] = []
-    pumps: list[asyncio.Task[None]] = []
-    try:
-        await asyncio.wait(tasks)
-        for task in tasks:
-            streams.append(task.result())  # the first failure raises; finally closes the rest
-        firsts = await asyncio.gather(*(anext(s, None) for s in streams))  # type: ignore[call-overload]
-        for first in firsts:
-            if first is None:
-                yield WorkerReply(ERROR, {"error": {"message": "the decode worker returned nothing"}}, 502)
-                return
-            if first.kind == ERROR:
-                yield first
-                return
-        kinds = {first.kind for first in firsts}
-        if kinds == {RESPONSE}:
-            yield WorkerReply(RESPONSE, merge_responses([f.body for f in firsts], n))
-            return
-        if kinds != {CHUNK}:
-            yield WorkerReply(ERROR, {"error": {"message": "workers answered a batch inconsistently"}}, 502)
-            return
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-        async def pump(prompt: int, first: WorkerReply, rest: AsyncIterator[WorkerReply]) -> None:
-            try:
-                await queue.put((prompt, first))
-                async for reply in rest:
-                    await queue.put((prompt, reply))
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-                await queue.put((prompt, exc))
-            await queue.put((prompt, _END))
-
-        pumps = [asyncio.ensure_future(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams, strict=True))]
-        merger = _StreamMerger(n)
-        open_streams = len(pumps)
-        while open_streams:
-            prompt, item = await queue.get()
-            if item is _END:
-                open_streams -= 1
-            elif isinstance(item, Exception):
-                raise item
-            elif item.kind == ERROR:
-                yield item
-                return
-            elif item.kind == CHUNK:
-                chunk = merger.rewrite(prompt, item.body)
-                if chunk is not None:
-                    yield WorkerReply(CHUNK, chunk)
-        yield WorkerReply(CHUNK, merger.ending())
-    finally:
-        # Abort whatever is still running: pending prefills, and the decode streams (a
-        # stream's close is what aborts its engine request).
-        for task in [*tasks, *pumps]:
-            task.cancel()
-        await asyncio.gather(*tasks, *pumps, return_exceptions=True)
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is None and task.result() not in streams:
-                streams.append(task.result())
-        for stream in streams:
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]

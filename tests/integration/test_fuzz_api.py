@@ -74,8 +74,8 @@ def _shape_for_the_engines(body: object) -> None:
 def test_every_endpoint_answers_in_its_documented_shape(case, cluster):
     _shape_for_the_engines(case.body)
     # Every check but "valid input must get a 2xx": a schema-valid request can still be
-    # refused for reasons the schema cannot state (a model name that is not served, n > 1
-    # in disaggregated mode, a prompt past the context); those answers are 4xx with the
+    # refused for reasons the schema cannot state (a model name that is not served, a
+    # prompt past the context); those answers are 4xx with the
     # OpenAI error shape, which the other checks verify.
     case.call_and_validate(base_url=cluster.url, excluded_checks=[positive_data_acceptance], timeout=120)
 

@@ -457,7 +457,9 @@ class EchoHandle(FakeHandle):
             self.contexts.append(serve_context._serve_request_context.get())
             self.calls.append((endpoint, body))
             if self.role == "prefill":
-                params = {"do_remote_prefill": True, "tandem": {"transfer_id": body["prompt"]}}
+                from kv_transport.contract import TransferDescription, handoff_params
+
+                params = handoff_params(TransferDescription(body["prompt"], {"host": "198.18.0.1", "port": 9}, 2, 1, 16))
                 return FakeStream([WorkerReply(RESPONSE, {"kv_transfer_params": params})], None)
             text = body["kv_transfer_params"]["tandem"]["transfer_id"].upper()
             answer = {"id": f"cmpl-{text}", "object": "text_completion", "created": 1, "model": MODEL,

@@ -123,7 +123,7 @@ async def test_cancelled_request_closes_the_prefill_stream():
 
 # ---- batched prompts ---------------------------------------------------------------------
 
-from routing.orchestrator import batch_prompts, merge_responses, run_batch, split_batch  # noqa: E402
+from routing.merge import batch_prompts, merge_responses, run_batch, split_batch  # noqa: E402
 from workers.engine import CHUNK  # noqa: E402
 
 
