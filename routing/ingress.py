@@ -48,6 +48,8 @@ from routing.protocol import (
     TooManyValues,
     forwarded_body,
 )
+from routing.timing import HEADER as TIMING_HEADER
+from routing.timing import Timing
 from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 
 log = logging.getLogger("ray.serve")
@@ -570,9 +572,10 @@ class Ingress:
         """(response, tokens it used if known now, whether a stream now owns the lease)"""
         started = time.monotonic()
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
+        timing = Timing()
         try:
             async with asyncio.timeout(deadline):
-                replies = await self.orchestrator.start(endpoint, body, RequestOptions(slo_class, kv_profile))
+                replies = await self.orchestrator.start(endpoint, body, RequestOptions(slo_class, kv_profile, timing))
                 first = await anext(replies, None)
         except TimeoutError:
             raise OpenAIError(504, f"request timed out after {deadline:g}s") from None
@@ -589,6 +592,9 @@ class Ingress:
         if first.kind == ERROR:
             raise from_engine_error(first.body, first.status)
         headers = {"x-request-id": request_id}
+        if timing.parts:
+            headers[TIMING_HEADER] = timing.header()
+            timing.observe(self.mode)
         if first.kind == RESPONSE:
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
             metrics.count_request(http.url.path, "200")

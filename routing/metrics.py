@@ -81,6 +81,12 @@ RECOMPUTES = Counter(
     "Requests whose prefill step failed and whose decode worker recomputed the prompt.",
     ["reason"],
 )
+PREFILL_DECISIONS = Counter(
+    "tandem:prefill_decisions",
+    "Where each disaggregated request's prompt was prefilled (remote: a prefill worker, then a "
+    "KV transfer; local: on its decode worker), and why.",
+    ["where", "reason"],
+)
 ROUTER_DECISIONS = Counter(
     "tandem:router_decisions",
     "Routing decisions by pool and reason: dualmap's affinity (a cache-affinity hit), "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,6 +33,7 @@ from kv_transport.contract import (
 from routing import metrics
 from routing.errors import OpenAIError
 from routing.merge import PromptPart, batch_prompts, run_batch, split_batch
+from routing.timing import Stopwatch, Timing
 from workers.engine import ERROR, RESPONSE, WorkerReply
 
 __all__ = ["KV_PROFILE_PARAM", "SLO_CLASS_PARAM", "Orchestrator", "RequestOptions", "WorkerPool"]
@@ -65,6 +65,7 @@ class PrefillResult:
     error: WorkerReply | None = None
     reason: str = ""
     response: dict[str, Any] | None = None  # the prefill's whole answer (the prompt's part)
+    timing: dict[str, float] | None = None  # the prefill worker's (workers.engine.EngineTiming)
 
 
 def prefill_body(
@@ -121,7 +122,8 @@ async def run_prefill(
                     problem = checked_handoff(params)
                     if problem is not None:
                         return PrefillResult(PrefillOutcome.FAILED, reason=problem)
-                    return PrefillResult(PrefillOutcome.OK, kv_transfer_params=params, response=reply.body)
+                    return PrefillResult(PrefillOutcome.OK, kv_transfer_params=params, response=reply.body,
+                                         timing=reply.timing)
         return PrefillResult(PrefillOutcome.FAILED, reason="prefill returned nothing")
     except Exception as exc:  # noqa: BLE001 - any worker failure means "recompute"
         log.warning("prefill failed, decode will recompute: %r", exc)
@@ -181,12 +183,30 @@ async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
     yield reply
 
 
+async def _timed(
+    replies: AsyncIterator[WorkerReply], record: Callable[[float, dict[str, float] | None], None]
+) -> AsyncIterator[WorkerReply]:
+    """``replies``, with ``record(seconds from the call to its first reply, the worker's
+    timing)`` called once the first reply is in (the call is made on first iteration)."""
+    watch = Stopwatch()
+    first = True
+    async with contextlib.aclosing(replies):  # type: ignore[type-var]
+        async for reply in replies:
+            if first:
+                first = False
+                record(watch.seconds(), reply.timing)
+            yield reply
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     """What the ingress read from the request besides its body."""
 
     slo_class: str | None = None  # x-tandem-slo-class
     kv_profile: str | None = None  # x-tandem-kv-profile
+    # Filled with the request's TTFT breakdown by its first reply (not for a batch, whose
+    # prompts each have their own).
+    timing: Timing | None = None
 
 
 class Orchestrator:
@@ -220,9 +240,10 @@ class Orchestrator:
     ) -> AsyncIterator[WorkerReply]:
         """Start the request; returns its replies (an error, one response, or a stream of
         SSE chunks). Closing them aborts whatever still runs for it."""
+        timing = options.timing or Timing()
         if self.mode == "colocated":
             assert self.colocated is not None
-            return self.colocated.stream(endpoint, body)
+            return _timed(self.colocated.stream(endpoint, body), timing.engine_call)
         assert self.prefill is not None and self.decode is not None
         prompts = batch_prompts(endpoint, body)
         if prompts is not None:
@@ -230,22 +251,28 @@ class Orchestrator:
             # first prompt only), all at once, each its own call to the pools.
             pools = (self.prefill.separately(), self.decode.separately())
             return run_batch(
-                [self._one(endpoint, one, options, *pools) for one in split_batch(body, prompts)],
+                [self._one(endpoint, one, options, *pools, Timing()) for one in split_batch(body, prompts)],
                 n=int(body.get("n") or 1),
             )
-        return await self._one(endpoint, body, options, self.prefill, self.decode)
+        return await self._one(endpoint, body, options, self.prefill, self.decode, timing)
 
     async def _one(
         self, endpoint: str, body: dict[str, Any], options: RequestOptions,
-        prefill_pool: WorkerPool, decode_pool: WorkerPool,
+        prefill_pool: WorkerPool, decode_pool: WorkerPool, timing: Timing,
     ) -> AsyncIterator[WorkerReply]:
+        if body.get("use_beam_search"):
+            # vLLM runs beam search as many one-token requests of its own, which hand no
+            # KV over: the decode engine does all of it.
+            metrics.PREFILL_DECISIONS.labels("local", "beam_search").inc()
+            return _timed(decode_pool.stream(endpoint, body), timing.engine_call)
+        metrics.PREFILL_DECISIONS.labels("remote", "always").inc()
         prompt_part = PromptPart.needed(endpoint, body)
-        started = time.monotonic()
+        watch = Stopwatch()
         prefill = await run_prefill_watched(
             prefill_pool, endpoint, body, options.slo_class, options.kv_profile,
             pool_has_replicas=self.prefill_alive, prompt_part=prompt_part,
         )
-        metrics.PREFILL_SECONDS.observe(time.monotonic() - started)
+        metrics.PREFILL_SECONDS.observe(watch.seconds())
         if prefill.outcome == PrefillOutcome.CLIENT_ERROR:
             assert prefill.error is not None
             return _single(prefill.error)
@@ -254,8 +281,11 @@ class Orchestrator:
                 raise OpenAIError(502, f"prefill failed: {prefill.reason}")
             log.warning("prefill failed (%s); decode recomputes the prompt", prefill.reason)
             metrics.RECOMPUTES.labels(prefill.reason.split(":")[0][:64]).inc()
-        replies = decode_pool.stream(endpoint, decode_body(body, prefill, prompt_part))
-        if prompt_part is not None and prefill.outcome == PrefillOutcome.OK and prefill.response is not None:
+            timing.add("failed_prefill", watch.seconds())
+            return _timed(decode_pool.stream(endpoint, decode_body(body, prefill)), timing.engine_call)
+        timing.engine_call(watch.seconds(), prefill.timing)
+        replies = _timed(decode_pool.stream(endpoint, decode_body(body, prefill, prompt_part)), timing.decode_call)
+        if prompt_part is not None and prefill.response is not None:
             prompt_part.take_prefill(prefill.response)
             return prompt_part.merge_stream(replies)
         return replies

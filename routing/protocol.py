@@ -28,6 +28,15 @@ MAX_STOP = 4  # stop sequences (OpenAI's limit)
 MAX_LOGIT_BIAS = 1024  # logit_bias entries
 MAX_TOOLS = 128  # tools (OpenAI's limit)
 MAX_N = 16  # choices per request
+MAX_TOKEN_ID_LIST = 1 << 18  # allowed_token_ids, logprob_token_ids (a vocabulary's worth)
+MAX_STOP_TOKEN_IDS = 1024
+MAX_BAD_WORDS = 1024
+MAX_DOCUMENTS = 1024
+MAX_ID_CHARS = 256  # request_id, session_id, cache_salt
+# vLLM copies vllm_xargs into the engine request's extra args, where it also reads the P/D
+# handoff: a client must never set that (a forged one would send decode to pull from any
+# address), only Tandem's orchestration does.
+RESERVED_XARGS = frozenset({"kv_transfer_params", "ec_transfer_params"})
 # JSON values in one body: the most admission.max_json_values may allow.
 MAX_JSON_VALUES = 1 << 22
 
@@ -86,11 +95,50 @@ class _SamplingFields(_Forbid):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    # More vLLM extras, as vLLM 0.32's server accepts them (it checks them again on the
+    # engine; here they are bounded). Not accepted: kv_transfer_params and
+    # ec_transfer_params, which Tandem's orchestration sets.
+    add_special_tokens: bool | None = None
+    allowed_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_ID_LIST)
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
+    cache_salt: str | None = Field(None, max_length=MAX_ID_CHARS)
+    include_stop_str_in_output: bool | None = None
+    length_penalty: float | None = None
+    logprob_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_ID_LIST)
+    mm_payload: Literal["tensors", "none"] | None = None
+    priority: int | None = None
+    prompt_logprobs: int | None = Field(None, ge=-1)
+    repetition_detection: dict[str, Any] | None = None
+    request_id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    return_mm_kwargs: bool | None = None
+    return_token_ids: bool | None = None
+    return_token_offsets: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    routed_experts_prompt_start: int | None = Field(None, ge=0)
+    session_id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    spaces_between_special_tokens: bool | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    stream_interval: int | None = Field(None, ge=1)
+    structured_outputs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    use_beam_search: bool | None = None
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
+    watermarking: bool | None = None
 
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, value: Any) -> Any:
         return _at_most(value, MAX_STOP, "stop sequences")
+
+    @field_validator("vllm_xargs")
+    @classmethod
+    def _no_reserved_xargs(cls, value: Any) -> Any:
+        reserved = sorted(RESERVED_XARGS & set(value or ()))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} may not be set by a client")
+        return value
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -103,6 +151,17 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's chat extras
+    add_generation_prompt: bool | None = None
+    chat_template: str | None = None  # refused by the engine unless it trusts request templates
+    continue_final_message: bool | None = None
+    documents: list[dict[str, str]] | None = Field(None, max_length=MAX_DOCUMENTS)
+    echo: bool | None = None
+    include_reasoning: bool | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    return_prompt_text: bool | None = None
 
     def output_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -111,9 +170,12 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
+    # Accepted and ignored, as by vLLM 0.32 (its V1 engine has no best_of).
     best_of: int | None = Field(None, ge=1, le=16)
+    prompt_embeds: str | list[str] | None = None  # base64 tensors (engines started to take them)
+    response_format: dict[str, Any] | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -9,6 +9,8 @@ module knows nothing about Ray; `workers.deployments` wraps it in Serve deployme
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -39,6 +41,32 @@ class WorkerReply:
     kind: str  # ERROR | RESPONSE | CHUNK
     body: Any = None  # error dict, response dict, or one SSE "data: ..." string
     status: int = 200
+    # On a request's first reply: where its time went in this worker, in seconds (see
+    # `EngineTiming`), for the orchestrator's breakdown of the request's TTFT.
+    timing: dict[str, float] | None = None
+
+
+# The request being served's timing, filled by `TrackedEngine` when the engine's first
+# output for it arrives (the serving layer calls the engine in the serving task's context).
+_TIMING: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("tandem_timing", default=None)
+
+
+class EngineTiming:
+    """Keys of `WorkerReply.timing`, from vLLM's own per-request stats (engine-core
+    timestamps) and the KV connector's pull record:
+
+    - ``queue_s``: queued until first scheduled. For a decode request whose KV is pulled,
+      this includes the pull: vLLM schedules it once the KV has landed.
+    - ``compute_s``: first scheduled until its first token (a prefill; on decode, the
+      first decode step after the pull).
+    - ``kv_transfer_s``: the pull of its KV (fetch, verify, decode, write), if it pulled.
+    - ``worker_s``: the worker's whole handling until this reply (tokenization included).
+    """
+
+    QUEUE = "queue_s"
+    COMPUTE = "compute_s"
+    KV_TRANSFER = "kv_transfer_s"
+    WORKER = "worker_s"
 
 
 @dataclass
@@ -172,11 +200,40 @@ class TrackedEngine:
                     self._stats.request_prefilled(
                         prompt_tokens, getattr(output, "num_cached_tokens", 0) or 0
                     )
+                    timing = _TIMING.get()
+                    if timing is not None and not timing:
+                        timing.update(self._timing(output, args, kwargs))
                 yield output
         finally:
             if not prefilled:
                 self._stats.request_prefilled(prompt_tokens, 0)
             self._stats.request_finished()
+
+
+    def _timing(self, output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, float]:
+        timing: dict[str, float] = {}
+        stats = getattr(output, "metrics", None)
+        queued, scheduled, first = (getattr(stats, name, 0.0) or 0.0
+                                    for name in ("queued_ts", "scheduled_ts", "first_token_ts"))
+        if queued and scheduled:
+            timing[EngineTiming.QUEUE] = max(0.0, scheduled - queued)
+        if scheduled and first:
+            timing[EngineTiming.COMPUTE] = max(0.0, first - scheduled)
+        transfer_id = _transfer_id(kwargs.get("sampling_params", args[0] if args else None))
+        pulled = self._stats.pull_seconds(transfer_id) if transfer_id else None
+        if pulled is not None:
+            timing[EngineTiming.KV_TRANSFER] = pulled
+        return timing
+
+
+def _transfer_id(sampling_params: Any) -> str | None:
+    """The id of the KV transfer a request pulls (Tandem's connector), if any."""
+    from kv_transport.contract import PARAMS_KEY
+
+    params = (getattr(sampling_params, "extra_args", None) or {}).get("kv_transfer_params")
+    description = params.get(PARAMS_KEY) if isinstance(params, dict) else None
+    transfer_id = description.get("transfer_id") if isinstance(description, dict) else None
+    return transfer_id if isinstance(transfer_id, str) else None
 
 
 def _prompt_token_count(prompt: Any) -> int:
@@ -289,6 +346,19 @@ class EngineHost:
         ``body`` was validated by the ingress; vLLM validates it again against its own
         request model so engine-specific fields (kv_transfer_params, ...) are honoured.
         """
+        timing: dict[str, float] = {}
+        _TIMING.set(timing)
+        started = time.monotonic()
+        first = True
+        # Closed with this generator: closing vLLM's stream aborts the engine request.
+        async with contextlib.aclosing(self._serve(endpoint, body)) as replies:
+            async for reply in replies:
+                if first and reply.kind != ERROR:
+                    first = False
+                    reply.timing = {**timing, EngineTiming.WORKER: time.monotonic() - started}
+                yield reply
+
+    async def _serve(self, endpoint: str, body: dict[str, Any]) -> AsyncGenerator[WorkerReply, None]:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest

@@ -62,6 +62,11 @@ class WorkerMetrics:
             "tandem:kv_transfers_expired", "Published KV never pulled, freed after the TTL.",
             base, registry=self.registry,
         )
+        self.requests = Counter(
+            "tandem:engine_requests",
+            "Requests handed to this worker's engine (one with n samples counts once).",
+            base, registry=self.registry,
+        )
         self.running = Gauge("tandem:engine_running_requests", "Requests the engine is running.", base, registry=self.registry)
         self.waiting = Gauge("tandem:engine_waiting_requests", "Requests waiting in the engine.", base, registry=self.registry)
         self.kv_usage = Gauge("tandem:engine_kv_cache_usage", "Fraction of KV blocks in use.", base, registry=self.registry)
@@ -82,6 +87,9 @@ class WorkerMetrics:
         self.saved_bytes.labels(**labels).inc(record.get("saved_bytes", 0))
         self.compression_ratio.labels(**labels).set(record["compression_ratio"])
         self.goodput.labels(**labels).set(record["goodput_bytes_per_s"])
+
+    def record_request(self) -> None:
+        self.requests.labels(**self._base).inc()
 
     def record_expired(self, count: int) -> None:
         self.expired.labels(**self._base).inc(count)

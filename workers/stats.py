@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ class _CacheCounter:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
+
+
+_PULLS_REMEMBERED = 1024
 
 
 class EngineStats:
@@ -52,6 +56,8 @@ class EngineStats:
         self.kv_expired_requests = 0
         # KV bytes a pull skipped because this engine's prefix cache already held them.
         self.kv_saved_bytes = 0
+        # The latest pulls' durations by transfer id, for each request's timing breakdown.
+        self._pull_seconds: OrderedDict[str, float] = OrderedDict()
         self.updated_at = 0.0
 
     # Fed by the worker's engine wrapper ------------------------------------------------
@@ -62,6 +68,8 @@ class EngineStats:
             self.in_flight_prompt_tokens += prompt_tokens
             self.requests_total += 1
             self.prompt_tokens_total += prompt_tokens
+        if self.metrics is not None:
+            self.metrics.record_request()
 
     def request_prefilled(self, prompt_tokens: int, cached_tokens: int) -> None:
         with self._lock:
@@ -109,8 +117,22 @@ class EngineStats:
                 elif key == "records":
                     for record in value:
                         self.kv_saved_bytes += int(record.get("saved_bytes", 0))
+                        self._remember_pull(record)
                         if self.metrics is not None:
                             self.metrics.record_transfer(record)
+
+    def _remember_pull(self, record: dict[str, Any]) -> None:
+        transfer_id = record.get("transfer_id")
+        if isinstance(transfer_id, str) and record.get("ok"):
+            self._pull_seconds[transfer_id] = float(record.get("total_s") or 0.0)
+            while len(self._pull_seconds) > _PULLS_REMEMBERED:
+                self._pull_seconds.popitem(last=False)
+
+    def pull_seconds(self, transfer_id: str) -> float | None:
+        """How long this engine's pull of ``transfer_id`` took (fetch, verify, decode, write),
+        if it pulled it lately."""
+        with self._lock:
+            return self._pull_seconds.get(transfer_id)
 
     def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         """A vLLM StatLoggerFactory bound to this object."""

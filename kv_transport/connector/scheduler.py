@@ -92,7 +92,8 @@ class TandemConnectorScheduler:
     def _incoming(request: Request) -> TransferDescription | None:
         """The transfer a decode request still has to pull, if any."""
         params = request.kv_transfer_params
-        if not params or not params.get("do_remote_prefill") or PARAMS_KEY not in params:
+        # Whatever a request carries is input: vLLM also takes it from a client's vllm_xargs.
+        if not isinstance(params, dict) or not params.get("do_remote_prefill") or PARAMS_KEY not in params:
             return None
         try:
             return TransferDescription.from_params(params[PARAMS_KEY])
@@ -210,7 +211,7 @@ class TandemConnectorScheduler:
                 self._releases.append(transfer)
             self._leave(request, shared)
             return False, None
-        if not params or not params.get("do_remote_decode"):
+        if not isinstance(params, dict) or not params.get("do_remote_decode"):
             return False, None
         if request.status not in _HANDED_OVER:
             return False, None  # aborted: nothing to hand over

@@ -71,7 +71,9 @@ def _prefill_request(prompt_tokens: int, status: RequestStatus, **params: Any) -
 
 
 @pytest.mark.parametrize("params", [None, {}, {"do_remote_prefill": False, PARAMS_KEY: _transfer(40).to_params()},
-                                    {"do_remote_prefill": True}, dict(PREFILL_KV_PARAMS)])
+                                    {"do_remote_prefill": True}, dict(PREFILL_KV_PARAMS),
+                                    # What a client's vllm_xargs could put there.
+                                    "do_remote_prefill", ["do_remote_decode"], 1])
 def test_a_request_without_a_transfer_loads_nothing(params):
     scheduler = _scheduler()
     request = FakeRequest("r", params, 40)

@@ -26,6 +26,12 @@ def test_forwarded_body_keeps_only_what_the_client_set():
         {"model": "m", "messages": MSG, "stream_options": {"bogus": True}},
         {"model": "", "messages": MSG},
         {"model": "m", "messages": [{"role": "wizard", "content": "x"}]},
+        # The P/D handoff is Tandem's to set, never a client's: neither as a field...
+        {"model": "m", "messages": MSG, "kv_transfer_params": {"do_remote_prefill": True}},
+        {"model": "m", "messages": MSG, "ec_transfer_params": {}},
+        # ...nor through the extra args vLLM copies next to it.
+        {"model": "m", "messages": MSG, "vllm_xargs": {"kv_transfer_params": "x"}},
+        {"model": "m", "messages": MSG, "truncation_side": "middle"},
     ],
 )
 def test_chat_rejects(body):
@@ -76,3 +82,30 @@ def test_engine_errors_are_normalised():
         "param": "input_tokens",
         "code": "context_length_exceeded",
     }
+
+
+def _vllm_request_models():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletion
+
+    return [(VllmChat, ChatCompletionRequest), (VllmCompletion, CompletionRequest)]
+
+
+@pytest.mark.parametrize("pair", _vllm_request_models(), ids=["chat", "completions"])
+def test_every_field_vllm_accepts_is_accepted_but_the_handoff(pair):
+    """Parity with the installed vLLM's server: a field it takes and Tandem refused would
+    be a 400 that a vLLM client never sees (the README's parameter table lists each)."""
+    vllm_model, ours = pair
+    missing = set(vllm_model.model_fields) - set(ours.model_fields)
+    assert missing == {"kv_transfer_params", "ec_transfer_params"}
+    # best_of: accepted and ignored, as vLLM ignores it (it has no such field any more).
+    assert set(ours.model_fields) - set(vllm_model.model_fields) <= {"best_of"}
+
+
+def test_the_readme_table_lists_every_parameter():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "parameters.md").read_text()
+    for vllm_model, _ in _vllm_request_models():
+        for name in vllm_model.model_fields:
+            assert f"`{name}`" in readme, name
