@@ -176,6 +176,22 @@ class ConnectorSettings(_Strict):
     max_connections: int = Field(128, ge=1)
 
 
+class DisaggregationSettings(_Strict):
+    """Conditional disaggregation (routing/disagg.py): per request, prefill remotely and
+    hand the KV over, or prefill on the decode replica."""
+
+    # "always": every request is prefilled by a prefill worker. "threshold": on the decode
+    # replica when the prompt's tokens it does not already cache are at most
+    # threshold_tokens. "cost_model": the plan with the lower predicted time, from models
+    # fitted online (decides as "threshold" until min_samples requests were measured).
+    mode: Literal["always", "threshold", "cost_model"] = "always"
+    threshold_tokens: int = Field(256, ge=0)
+    # The cost model charges a local prefill this much of its time again for each stream
+    # the decode replica is decoding (they wait for it).
+    interference: float = Field(0.5, ge=0)
+    min_samples: int = Field(8, ge=1)
+
+
 class RoutingSettings(_Strict):
     # How long the ingress waits for a whole request before answering 504. A client can ask
     # for less with the x-tandem-timeout-s header.
@@ -201,6 +217,8 @@ class RoutingSettings(_Strict):
     decode_router_options: dict[str, Any] = Field(default_factory=dict)
     # The TTFT the router tries to keep each request under before giving up affinity.
     slo_ttft_s: float = Field(2.0, gt=0)
+    # Where each disaggregated request's prompt is prefilled.
+    disaggregation: DisaggregationSettings = Field(default_factory=DisaggregationSettings)
     # /health and /metrics reuse their last answer this long (and concurrent probes share
     # one), so that probes and scrapes cannot multiply calls to the pools and Redis. 0: never.
     status_cache_s: float = Field(1.0, ge=0, le=60)

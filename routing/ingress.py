@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from control_plane.settings import TandemSettings, settings_from_dict
 from routing import admission, auth, drain, metrics, serve_router
+from routing.disagg import PrefillDecider, PrefillPlanInput
 from routing.errors import OpenAIError, error_body, from_engine_error
 from routing.orchestrator import Orchestrator, RequestOptions
 from routing.protocol import (
@@ -319,14 +320,16 @@ class _Lease:
             auth.release_later(self._key, tokens)
 
 
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    """About how many tokens a prompt has, for quotas (4 characters a token)."""
+def _prompt_chars(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     if isinstance(messages, list):
-        text = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
-    else:
-        text = len(str(body.get("prompt", "")))
-    return max(1, text // 4)
+        return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+    return len(str(body.get("prompt", "")))
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """About how many tokens a prompt has, for quotas (4 characters a token)."""
+    return max(1, _prompt_chars(body) // 4)
 
 
 async def _call_apart(handle: DeploymentHandle, endpoint: str, body: dict[str, Any]) -> Any:
@@ -387,10 +390,13 @@ class Ingress:
         self.controller = controller
         self._first_pool = "PrefillWorker" if self.mode == "disaggregated" else "ColocatedWorker"
         self._needed_pool = "DecodeWorker" if self.mode == "disaggregated" else "ColocatedWorker"
+        disagg = self.settings.routing.disaggregation
+        self.decider = PrefillDecider(disagg.mode, disagg.threshold_tokens, disagg.interference, disagg.min_samples)
         self.orchestrator = Orchestrator(
             self.mode, prefill=self.prefill, decode=self.decode, colocated=self.colocated,
             recompute_on_prefill_failure=self.settings.routing.recompute_on_prefill_failure,
-            prefill_alive=self._prefill_alive,
+            prefill_alive=self._prefill_alive, decider=self.decider,
+            plan_input=self._plan_input if disagg.mode != "always" else None,
         )
         self._models_cache: dict[str, Any] | None = None
         metrics.include_workers(self.settings.redis_url, self.settings.app_name,
@@ -622,6 +628,17 @@ class Ingress:
                 param=SLO_CLASS_HEADER,
             )
         return slo_class
+
+    def _plan_input(self, endpoint: str, body: dict[str, Any]) -> PrefillPlanInput:
+        """What the routers know of a request now, for where its prefill runs."""
+        chars = _prompt_chars(body)
+        tokens = self.decider.tokens_for(chars)
+        decode = serve_router.router_for(self.settings.app_name, self._needed_pool)
+        held_chars, running = decode.decode_view(body) if decode is not None else (0, 0)
+        prefill = serve_router.router_for(self.settings.app_name, self._first_pool)
+        predicted = prefill.best_predicted_ttft_s(tokens) if prefill is not None else None
+        cached = min(tokens, self.decider.tokens_for(held_chars)) if held_chars else 0
+        return PrefillPlanInput(tokens, cached, running, predicted, chars)
 
     def _prefill_alive(self) -> bool:
         """Whether the prefill pool has a replica (unknown counts as yes)."""

@@ -31,6 +31,7 @@ from kv_transport.contract import (
     TransferDescription,
 )
 from routing import metrics
+from routing.disagg import PrefillDecider, PrefillPlanInput
 from routing.errors import OpenAIError
 from routing.merge import PromptPart, batch_prompts, run_batch, split_batch
 from routing.timing import Stopwatch, Timing
@@ -183,6 +184,12 @@ async def _single(reply: WorkerReply) -> AsyncIterator[WorkerReply]:
     yield reply
 
 
+def _prompt_tokens(response: dict[str, Any] | None) -> int:
+    usage = (response or {}).get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and tokens > 0 else 0
+
+
 async def _timed(
     replies: AsyncIterator[WorkerReply], record: Callable[[float, dict[str, float] | None], None]
 ) -> AsyncIterator[WorkerReply]:
@@ -214,7 +221,9 @@ class Orchestrator:
 
     ``mode``: "disaggregated" (``prefill`` and ``decode``) or "colocated" (``colocated``).
     ``prefill_alive``: whether the prefill pool has a replica now (an empty pool means its
-    replicas died: decode recomputes at once instead of waiting for a replacement)."""
+    replicas died: decode recomputes at once instead of waiting for a replacement).
+    ``decider`` and ``plan_input``: where each request is prefilled (routing/disagg.py), from
+    what the pools' routers know of it now (`PrefillPlanInput`); without them, remotely."""
 
     def __init__(
         self,
@@ -225,6 +234,8 @@ class Orchestrator:
         colocated: WorkerPool | None = None,
         recompute_on_prefill_failure: bool = True,
         prefill_alive: Callable[[], bool] | None = None,
+        decider: PrefillDecider | None = None,
+        plan_input: Callable[[str, dict[str, Any]], PrefillPlanInput] | None = None,
     ):
         if mode == "disaggregated" and (prefill is None or decode is None):
             raise ValueError("a disaggregated app needs prefill and decode pools")
@@ -234,6 +245,8 @@ class Orchestrator:
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
         self.recompute_on_prefill_failure = recompute_on_prefill_failure
         self.prefill_alive = prefill_alive
+        self.decider = decider or PrefillDecider("always")
+        self.plan_input = plan_input
 
     async def start(
         self, endpoint: str, body: dict[str, Any], options: RequestOptions = RequestOptions()
@@ -265,7 +278,19 @@ class Orchestrator:
             # KV over: the decode engine does all of it.
             metrics.PREFILL_DECISIONS.labels("local", "beam_search").inc()
             return _timed(decode_pool.stream(endpoint, body), timing.engine_call)
-        metrics.PREFILL_DECISIONS.labels("remote", "always").inc()
+        plan = self.plan_input(endpoint, body) if self.plan_input is not None else None
+        decision = self.decider.decide(plan) if plan is not None else None
+        if decision is not None and decision.where == "local":
+            assert plan is not None
+            metrics.PREFILL_DECISIONS.labels("local", decision.reason).inc()
+            uncached = max(0, plan.prompt_tokens - plan.decode_cached_tokens)
+
+            def local_done(call_s: float, worker: dict[str, float] | None) -> None:
+                timing.engine_call(call_s, worker)
+                self.decider.observe_local(uncached, timing.parts.get("prefill", 0.0))
+
+            return _timed(decode_pool.stream(endpoint, body), local_done)
+        metrics.PREFILL_DECISIONS.labels("remote", decision.reason if decision else "always").inc()
         prompt_part = PromptPart.needed(endpoint, body)
         watch = Stopwatch()
         prefill = await run_prefill_watched(
@@ -284,7 +309,20 @@ class Orchestrator:
             timing.add("failed_prefill", watch.seconds())
             return _timed(decode_pool.stream(endpoint, decode_body(body, prefill)), timing.engine_call)
         timing.engine_call(watch.seconds(), prefill.timing)
-        replies = _timed(decode_pool.stream(endpoint, decode_body(body, prefill, prompt_part)), timing.decode_call)
+        prompt_tokens = _prompt_tokens(prefill.response)
+        if plan is not None and prompt_tokens:
+            self.decider.observe_prompt(plan.prompt_chars, prompt_tokens)
+
+        def remote_done(call_s: float, worker: dict[str, float] | None) -> None:
+            timing.decode_call(call_s, worker)
+            if plan is not None and prompt_tokens:
+                parts = timing.parts
+                self.decider.observe_remote(
+                    prompt_tokens, max(0, prompt_tokens - plan.decode_cached_tokens), parts.get("prefill", 0.0),
+                    parts.get("kv_transfer", 0.0), parts.get("decode_queue", 0.0),
+                )
+
+        replies = _timed(decode_pool.stream(endpoint, decode_body(body, prefill, prompt_part)), remote_done)
         if prompt_part is not None and prefill.response is not None:
             prompt_part.take_prefill(prefill.response)
             return prompt_part.merge_stream(replies)

@@ -508,6 +508,10 @@ class KVPressurePolicy(RoutingPolicy):
                 return Decision(previous, "session")
         return Decision(best, "least_pressure")
 
+    def session_holder(self, session_id: str) -> str | None:
+        """The instance that decoded the session's last turn (its prefix cache holds it)."""
+        return self._sessions.get(session_id)
+
     def on_routed(self, request: RouteRequest, decision: Decision) -> None:
         if request.session_id:
             self._sessions[request.session_id] = decision.instance

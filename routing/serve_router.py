@@ -200,6 +200,22 @@ class TandemRequestRouter(RequestRouter):
     def replica_count(self) -> int:
         return len(self.curr_replicas)
 
+    def decode_view(self, body: dict[str, Any]) -> tuple[int, int]:
+        """For the decode pool, before a request is placed: (the characters of its prompt
+        that the replica it would go to holds in its prefix cache, the streams that replica
+        is decoding). A conversation's earlier turns are held by the replica that decoded its
+        last turn, where the policy keeps it while that replica is not much busier."""
+        holder_of = getattr(self.policy, "session_holder", None)
+        sid = session_id(body)
+        holder = holder_of(sid) if holder_of is not None and sid else None
+        load = self._load_view.get(holder) if holder is not None else None
+        if load is None or not load.healthy:
+            running = min((load.running for load in self._load_view.values()), default=0)
+            return 0, running
+        messages = body.get("messages")
+        earlier = "".join(_message_text(m) for m in messages[:-1]) if isinstance(messages, list) else ""
+        return len(earlier), load.running
+
     # ---- load view -----------------------------------------------------------------------
 
     def _loads(self, by_id: dict[str, RunningReplica]) -> dict[str, InstanceLoad]:
