@@ -81,6 +81,33 @@ RECOMPUTES = Counter(
     "Requests whose prefill step failed and whose decode worker recomputed the prompt.",
     ["reason"],
 )
+# Where each request's TTFT went (routing/timing.py), one histogram per component.
+_PART_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+
+
+def _part(name: str, documentation: str) -> Histogram:
+    return Histogram(name, documentation, ["mode"], buckets=_PART_BUCKETS)
+
+
+FAILED_PREFILL_TIME = _part("tandem:failed_prefill_time_seconds",
+                            "Time lost to a prefill step that failed (decode recomputed the prompt).")
+ROUTER_QUEUE_TIME = _part("tandem:router_queue_time_seconds",
+                          "From the prefill call to its engine's queue: routing, replica queue, tokenization, RPC.")
+PREFILL_QUEUE_TIME = _part("tandem:prefill_queue_time_seconds", "Waiting in the prefill engine's scheduler.")
+PREFILL_TIME = _part("tandem:prefill_time_seconds", "Prefill compute, to its first token.")
+KV_HANDOFF_TIME = _part("tandem:kv_handoff_time_seconds", "Decode's pull of a request's KV, codec included.")
+DECODE_QUEUE_TIME = _part("tandem:decode_queue_time_seconds",
+                          "From the decode call to its first step, less the KV pull: routing, RPC, scheduler queue.")
+FIRST_DECODE_STEP_TIME = _part("tandem:first_decode_step_time_seconds", "The decode engine's first step.")
+TTFT_PARTS = {
+    "failed_prefill": FAILED_PREFILL_TIME,
+    "router_queue": ROUTER_QUEUE_TIME,
+    "prefill_queue": PREFILL_QUEUE_TIME,
+    "prefill": PREFILL_TIME,
+    "kv_transfer": KV_HANDOFF_TIME,
+    "decode_queue": DECODE_QUEUE_TIME,
+    "first_decode_step": FIRST_DECODE_STEP_TIME,
+}
 PREFILL_DECISIONS = Counter(
     "tandem:prefill_decisions",
     "Where each disaggregated request's prompt was prefilled (remote: a prefill worker, then a "

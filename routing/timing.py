@@ -17,7 +17,7 @@ A request prefilled where it decodes (colocated, or a local prefill) has ``route
 ``failed_prefill`` (the time lost) before those.
 
 The breakdown goes out as a ``Server-Timing`` header (W3C; milliseconds) and into
-Prometheus histograms named as vLLM names its own (``tandem:<component>_seconds``).
+Prometheus histograms named as vLLM names its own (routing/metrics.py: `TTFT_PARTS`).
 """
 
 from __future__ import annotations
@@ -25,29 +25,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import Histogram
-
+from routing import metrics
 from workers.engine import EngineTiming
 
 COMPONENTS = ("failed_prefill", "router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue",
               "first_decode_step")
 HEADER = "Server-Timing"
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
-_HISTOGRAMS = {
-    "failed_prefill": ("tandem:failed_prefill_time_seconds", "Time lost to a prefill that failed (decode recomputed)."),
-    "router_queue": ("tandem:router_queue_time_seconds",
-                     "Prefill call to its engine's queue: routing, replica queue, tokenization, RPC."),
-    "prefill_queue": ("tandem:prefill_queue_time_seconds", "Waiting in the prefill engine's scheduler."),
-    "prefill": ("tandem:prefill_time_seconds", "Prefill compute, to its first token."),
-    "kv_transfer": ("tandem:kv_handoff_time_seconds", "Decode's pull of a request's KV, codec included."),
-    "decode_queue": ("tandem:decode_queue_time_seconds",
-                     "Decode call to its first step, less the KV pull: routing, RPC, scheduler queue."),
-    "first_decode_step": ("tandem:first_decode_step_time_seconds", "The decode engine's first step."),
-}
-HISTOGRAMS = {
-    component: Histogram(name, doc, ["mode"], buckets=_BUCKETS) for component, (name, doc) in _HISTOGRAMS.items()
-}
-
 
 def _at_least_zero(value: float) -> float:
     return max(0.0, value)
@@ -86,7 +69,7 @@ class Timing:
 
     def observe(self, mode: str) -> None:
         for name, seconds in self.parts.items():
-            HISTOGRAMS[name].labels(mode).observe(seconds)
+            metrics.TTFT_PARTS[name].labels(mode).observe(seconds)
 
 
 class Stopwatch:
