@@ -290,6 +290,18 @@ class AdmissionSettings(_Strict):
     max_n: int = Field(16, ge=1, le=MAX_N)
 
 
+class TracingSettings(_Strict):
+    """OpenTelemetry spans of each request (routing/tracing.py): ingress, prefill (its
+    queue and compute), KV transfer, decode; a W3C traceparent in the request is continued,
+    and the response carries the request's own."""
+
+    enabled: bool = False
+    # Where spans go (OTLP over HTTP, e.g. http://otel-collector:4318/v1/traces); None: the
+    # exporter's own default (OTEL_EXPORTER_OTLP_* environment variables).
+    otlp_endpoint: str | None = None
+    service_name: str = "tandem"
+
+
 class TandemSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -306,6 +318,7 @@ class TandemSettings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     # None = Tandem starts its embedded Redis on loopback.
     redis_url: str | None = None
     # None = start a local Ray (`tandem up`) or use RAY_ADDRESS when set.

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from control_plane.settings import TandemSettings, settings_from_dict
-from routing import admission, auth, drain, metrics, serve_router
+from routing import admission, auth, drain, metrics, serve_router, tracing
 from routing.disagg import PrefillDecider, PrefillPlanInput
 from routing.errors import OpenAIError, error_body, from_engine_error
 from routing.orchestrator import Orchestrator, RequestOptions
@@ -390,6 +390,8 @@ class Ingress:
         self.controller = controller
         self._first_pool = "PrefillWorker" if self.mode == "disaggregated" else "ColocatedWorker"
         self._needed_pool = "DecodeWorker" if self.mode == "disaggregated" else "ColocatedWorker"
+        traced = self.settings.tracing
+        self._tracer = tracing.make_tracer(traced.service_name, traced.otlp_endpoint) if traced.enabled else None
         disagg = self.settings.routing.disaggregation
         self.decider = PrefillDecider(disagg.mode, disagg.threshold_tokens, disagg.interference, disagg.min_samples)
         self.orchestrator = Orchestrator(
@@ -579,6 +581,32 @@ class Ingress:
         started = time.monotonic()
         request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
         timing = Timing()
+        span = None
+        if self._tracer is not None:
+            span = tracing.RequestSpan(self._tracer, f"POST {http.url.path}", http.headers,
+                               {"tandem.mode": self.mode, "tandem.request_id": request_id})
+        try:
+            response, tokens, streaming = await self._first_reply(
+                endpoint, body, prompt_tokens, http, slo_class, lease, deadline, kv_profile, timing, span,
+                started, request_id,
+            )
+        except OpenAIError as exc:
+            if span is not None:
+                span.end(exc.status)
+            raise
+        except BaseException:
+            if span is not None:
+                span.end(500)
+            raise
+        if span is not None and not streaming:
+            span.end(response.status_code)
+        return response, tokens, streaming
+
+    async def _first_reply(
+        self, endpoint: str, body: dict[str, Any], prompt_tokens: int, http: Request, slo_class: str,
+        lease: _Lease, deadline: float, kv_profile: str | None, timing: Timing, span: tracing.RequestSpan | None,
+        started: float, request_id: str,
+    ) -> tuple[Response, int, bool]:
         try:
             async with asyncio.timeout(deadline):
                 replies = await self.orchestrator.start(endpoint, body, RequestOptions(slo_class, kv_profile, timing))
@@ -601,6 +629,9 @@ class Ingress:
         if timing.parts:
             headers[TIMING_HEADER] = timing.header()
             timing.observe(self.mode)
+        if span is not None:
+            span.add_steps(timing)
+            headers.update(span.traceparent())
         if first.kind == RESPONSE:
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
             metrics.count_request(http.url.path, "200")
@@ -609,7 +640,7 @@ class Ingress:
             return JSONResponse(first.body, headers=headers), int(usage.get("total_tokens") or 0), False
         metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
         stream = StreamingResponse(
-            self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, prompt_tokens),
+            self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, prompt_tokens, span),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -655,6 +686,7 @@ class Ingress:
         deadline: float,
         lease: _Lease | None = None,
         prompt_tokens: int = 0,
+        span: tracing.RequestSpan | None = None,
     ) -> AsyncIterator[str]:
         status = "200"
         first_at = last_at = time.monotonic()
@@ -698,3 +730,5 @@ class Ingress:
             if lease is not None:
                 # Streamed chunks carry about one token each.
                 lease.release(prompt_tokens + chunks)
+            if span is not None:
+                span.end(int(status))

@@ -492,3 +492,49 @@ async def test_each_prompt_of_a_batch_is_its_own_prefill_decode_and_serve_call(f
     # id of its own from Serve); a single prompt's calls inside it.
     assert [c is None for c in prefill.contexts] == [True, True, True, False]
     assert [c is None for c in decode.contexts] == [True, True, True, False]
+
+
+# ---- where the time went: Server-Timing and OpenTelemetry ----------------------------------
+
+
+async def test_a_response_carries_its_ttft_breakdown_and_continues_the_callers_trace(front_door, monkeypatch):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from kv_transport.contract import TransferDescription, handoff_params
+    from workers.engine import EngineTiming
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr("routing.tracing.make_tracer", lambda *_: provider.get_tracer("test"))
+    handoff = handoff_params(TransferDescription("t" * 32, {"host": "198.18.0.10", "port": 9}, 3, 1, 16))
+    prefill = FakeHandle([WorkerReply(RESPONSE, {**PREFILLED, "kv_transfer_params": handoff},
+                                      timing={EngineTiming.QUEUE: 0.002, EngineTiming.COMPUTE: 0.03})])
+    decode = FakeHandle([WorkerReply(CHUNK, 'data: {"choices": []}\n\n',
+                                     timing={EngineTiming.QUEUE: 0.02, EngineTiming.COMPUTE: 0.01,
+                                             EngineTiming.KV_TRANSFER: 0.015}),
+                         WorkerReply(CHUNK, "data: [DONE]\n\n")])
+    client = await front_door({"tracing": {"enabled": True}}, prefill=prefill, decode=decode)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = await client.post(CHAT, json=_chat(stream=True),
+                                 headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert response.status_code == 200, response.text
+    parts = dict(item.split(";dur=") for item in response.headers["server-timing"].split(", "))
+    assert list(parts) == ["router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue",
+                           "first_decode_step"]
+    assert (parts["prefill_queue"], parts["prefill"], parts["kv_transfer"]) == ("2.0", "30.0", "15.0")
+    # The trace goes on from the caller's, and the response says where.
+    assert response.headers["traceparent"].split("-")[1] == trace_id
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert set(spans) >= {f"POST {CHAT}", "prefill", "router_queue", "prefill_queue", "prefill_compute",
+                          "kv_transfer", "decode", "decode_queue", "first_decode_step"}
+    root = spans[f"POST {CHAT}"]
+    assert format(root.context.trace_id, "032x") == trace_id
+    assert spans["prefill"].parent.span_id == root.context.span_id
+    assert spans["prefill_compute"].parent.span_id == spans["prefill"].context.span_id
+    assert spans["kv_transfer"].end_time - spans["kv_transfer"].start_time == 15_000_000
+    # Back to back: the transfer starts where the prefill ended.
+    assert spans["kv_transfer"].start_time == spans["prefill"].end_time
+    assert root.attributes["http.response.status_code"] == 200
