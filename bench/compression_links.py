@@ -124,9 +124,11 @@ def main(
     profiles: list[str] = typer.Option(STATIC_PROFILES, help="Static profiles to compare."),
     box: bool = typer.Option(False, "--box", help="Real shaped links between the nodes of a cluster in a box (root)."),
     delays_ms: list[float] = typer.Option([0.0], "--delay-ms", help="With --box: link delays to run (netem)."),
+    update: bool = typer.Option(False, "--update", help="With --box: replace only these speeds' rows in the "
+                                "existing results (rerun one point)."),
 ) -> None:
     if box:
-        return main_box(repeats, gbps, profiles, delays_ms)
+        return main_box(repeats, gbps, profiles, delays_ms, update)
     import ray
     from ray import serve
 
@@ -169,7 +171,7 @@ def main(
 BOX = "links"
 
 
-def main_box(repeats: int, gbps: list[float], profiles: list[str], delays_ms: list[float]) -> None:
+def main_box(repeats: int, gbps: list[float], profiles: list[str], delays_ms: list[float], update: bool = False) -> None:
     """The same measurement with prefill and decode on two nodes of a cluster in a box,
     their links shaped by `tc` (both directions, both nodes), no token bucket; one deploy,
     the links changed between speeds. Writes compression_links_box.* and a side-by-side
@@ -204,6 +206,12 @@ def main_box(repeats: int, gbps: list[float], profiles: list[str], delays_ms: li
                 console.print(f"  measured in {time.perf_counter() - started:.0f}s")
     finally:
         boxlib.down(BOX)
+    if update and (RESULTS / "compression_links_box.json").exists():
+        measured = {(r["gbps"], r["delay_ms"]) for r in rows}
+        kept = [r for r in json.loads((RESULTS / "compression_links_box.json").read_text())["rows"]
+                if (r["gbps"], r["delay_ms"]) not in measured]
+        order = {s: i for i, s in enumerate([0.5, 1.0, 5.0, 10.0, 25.0, math.inf])}
+        rows = sorted(kept + rows, key=lambda r: (r["delay_ms"], order.get(r["gbps"], 99)))
     _relative(rows, profiles)
     write_results("compression_links_box", rows, {"repeats": repeats, "statistic": "median", "lengths": LENGTHS,
                                                   "profiles": profiles, "adaptive_slo_class": ADAPTIVE_CLASS,

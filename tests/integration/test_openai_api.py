@@ -138,3 +138,25 @@ def test_bundled_model_answers_the_readme_example_deterministically(openai_clien
     ]
     assert replies[0] == replies[1]
     assert "Paris" in replies[0]
+
+
+def test_each_response_says_where_its_ttft_went(openai_client, http):
+    """The Server-Timing breakdown comes from the engines' own per-request stats and the
+    KV pull's record: every part of a disaggregated request is there, and they add up to
+    no more than what the client waited."""
+    import time
+
+    started = time.perf_counter()
+    raw = openai_client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, temperature=0)
+    waited_ms = (time.perf_counter() - started) * 1000
+    parts = {name: float(ms) for name, ms in
+             (item.split(";dur=") for item in raw.headers["server-timing"].split(", "))}
+    assert set(parts) >= {"router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue",
+                          "first_decode_step"}
+    assert parts["prefill"] > 0 and parts["kv_transfer"] > 0 and parts["first_decode_step"] > 0
+    assert sum(parts.values()) <= waited_ms
+    text = http.get("/metrics").text
+    for name in ("prefill_time", "kv_handoff_time", "first_decode_step_time"):
+        assert f'tandem:{name}_seconds_count{{mode="disaggregated"}}' in text
+    assert 'tandem:prefill_decisions_total{reason="always",where="remote"}' in text
