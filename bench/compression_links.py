@@ -124,11 +124,13 @@ def main(
     profiles: list[str] = typer.Option(STATIC_PROFILES, help="Static profiles to compare."),
     box: bool = typer.Option(False, "--box", help="Real shaped links between the nodes of a cluster in a box (root)."),
     delays_ms: list[float] = typer.Option([0.0], "--delay-ms", help="With --box: link delays to run (netem)."),
-    update: bool = typer.Option(False, "--update", help="With --box: replace only these speeds' rows in the "
-                                "existing results (rerun one point)."),
+    update: bool = typer.Option(False, "--update", help="With --box: replace only the measured rows in the "
+                                "existing results (rerun some points)."),
+    only: list[str] = typer.Option([], "--only", help="With --box: measure only these configurations "
+                                   "(none, a profile, adaptive)."),
 ) -> None:
     if box:
-        return main_box(repeats, gbps, profiles, delays_ms, update)
+        return main_box(repeats, gbps, profiles, delays_ms, update, only)
     import ray
     from ray import serve
 
@@ -171,7 +173,10 @@ def main(
 BOX = "links"
 
 
-def main_box(repeats: int, gbps: list[float], profiles: list[str], delays_ms: list[float], update: bool = False) -> None:
+def main_box(
+    repeats: int, gbps: list[float], profiles: list[str], delays_ms: list[float], update: bool = False,
+    only: list[str] | None = None,
+) -> None:
     """The same measurement with prefill and decode on two nodes of a cluster in a box,
     their links shaped by `tc` (both directions, both nodes), no token bucket; one deploy,
     the links changed between speeds. Writes compression_links_box.* and a side-by-side
@@ -186,13 +191,20 @@ def main_box(repeats: int, gbps: list[float], profiles: list[str], delays_ms: li
     if any(delays_ms) and not has_netem():
         console.print("[yellow]this kernel has no netem: the delays are left out[/]")
         delays_ms = [d for d in delays_ms if not d] or [0.0]
+    from bench.cluster_adaptive import _library
+    from control_plane.settings import DEFAULT_SERVED_NAME
+
     prepare_model(None)
-    configs = ["none", *profiles, "adaptive"]
+    all_configs = ["none", *profiles, "adaptive"]
+    configs = [c for c in all_configs if c in only] if only else all_configs
+    # The controller runs on the box's head with the box's Redis: it is handed the profile
+    # library of this model on this machine (without one it can only choose identity).
+    library = _library(DEFAULT_SERVED_NAME)
     boxlib.down(BOX)
     state = boxlib.up(BOX, roles=boxlib.default_roles(3), subnet="198.18.8.0/24")
     rows: list[dict[str, Any]] = []
     try:
-        settings = box_settings(state, kv_connector={"compression": {"mode": "adaptive"}})
+        settings = box_settings(state, kv_connector={"compression": {"mode": "adaptive", "library": str(library)}})
         (url,) = deploy(BOX, [settings])
         for delay in delays_ms:
             for speed in gbps:
@@ -207,16 +219,18 @@ def main_box(repeats: int, gbps: list[float], profiles: list[str], delays_ms: li
     finally:
         boxlib.down(BOX)
     if update and (RESULTS / "compression_links_box.json").exists():
-        measured = {(r["gbps"], r["delay_ms"]) for r in rows}
+        measured = {(r["gbps"], r["delay_ms"], r["prompt_tokens"], r["config"]) for r in rows}
         kept = [r for r in json.loads((RESULTS / "compression_links_box.json").read_text())["rows"]
-                if (r["gbps"], r["delay_ms"]) not in measured]
-        order = {s: i for i, s in enumerate([0.5, 1.0, 5.0, 10.0, 25.0, math.inf])}
-        rows = sorted(kept + rows, key=lambda r: (r["delay_ms"], order.get(r["gbps"], 99)))
+                if (r["gbps"], r["delay_ms"], r["prompt_tokens"], r["config"]) not in measured]
+        speed_order = {s: i for i, s in enumerate([0.5, 1.0, 5.0, 10.0, 25.0, math.inf])}
+        config_order = {c: i for i, c in enumerate(all_configs)}
+        rows = sorted(kept + rows, key=lambda r: (r["delay_ms"], speed_order.get(r["gbps"], 99), r["prompt_tokens"],
+                                                  config_order.get(r["config"], 99)))
     _relative(rows, profiles)
     write_results("compression_links_box", rows, {"repeats": repeats, "statistic": "median", "lengths": LENGTHS,
                                                   "profiles": profiles, "adaptive_slo_class": ADAPTIVE_CLASS,
                                                   "links": "tc htb on veths between network namespaces"})  # fmt: skip
-    _plot([r for r in rows if not r["delay_ms"]], configs, "compression_links_box.png")
+    _plot([r for r in rows if not r["delay_ms"]], all_configs, "compression_links_box.png")
     bucket_path = RESULTS / "compression_links.json"
     if bucket_path.exists():
         bucket = {(r["gbps"], r["prompt_tokens"], r["config"]): r for r in json.loads(bucket_path.read_text())["rows"]}
