@@ -70,15 +70,20 @@ def _call(client: openai.OpenAI, endpoint: str, body: dict[str, Any]) -> tuple[i
 
 
 def _stream_by_choice(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """A stream as what a client reads from it: per choice index, its text, logprobs and
-    finish reason joined; the usage chunks."""
+    """A stream as what a client reads from it: per choice index, its text, logprobs,
+    finish reason and (continuous usage stats) each chunk's usage; the final usage chunk.
+    Not the order in which choices interleave: under P/D one sample pulls the KV and the
+    others start a step after it."""
     choices: dict[int, dict[str, Any]] = {}
     usage = []
     for chunk in chunks:
-        if chunk.get("usage"):
+        if chunk.get("usage") and not chunk.get("choices"):
             usage.append(_normalized(chunk["usage"]))
         for choice in chunk.get("choices") or []:
-            joined = choices.setdefault(choice["index"], {"text": "", "logprobs": [], "finish_reason": None})
+            joined = choices.setdefault(choice["index"], {"text": "", "logprobs": [], "finish_reason": None,
+                                                          "usage": []})
+            if chunk.get("usage"):
+                joined["usage"].append(_normalized(chunk["usage"]).get("completion_tokens"))
             delta = choice.get("delta") or {}
             joined["text"] += (delta.get("content") or "") if "delta" in choice else (choice.get("text") or "")
             logprobs = choice.get("logprobs")
@@ -135,10 +140,16 @@ def test_n_samples_cost_one_prefill_and_one_transfer_and_equal_colocated(
     assert cluster.blocks_free("DecodeWorker") and cluster.blocks_free("PrefillWorker")
 
 
-def test_n_greedy_chat_samples_are_the_colocated_answer(openai_client, reference_client):
+def test_n_seeded_chat_samples_are_the_colocated_answers(openai_client, reference_client):
     answer = _same_outcome(openai_client, reference_client, "chat",
-                           {"messages": QUESTION, "max_tokens": TOKENS, "n": 3, "temperature": 0})
-    assert len({c["message"]["content"] for c in answer["choices"]}) == 1
+                           {"messages": QUESTION, "max_tokens": TOKENS, "n": 3, "temperature": 1.0, "seed": 9})
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+
+
+def test_n_with_greedy_sampling_is_refused_as_vllm_refuses_it(openai_client, reference_client):
+    # vLLM: "n must be 1 when using greedy sampling"; the same 400 through P/D.
+    assert _call(openai_client, "chat", {"messages": QUESTION, "n": 2, "temperature": 0})[0] == 400
+    _same_outcome(openai_client, reference_client, "chat", {"messages": QUESTION, "n": 2, "temperature": 0})
 
 
 def test_n_streamed_with_usage_and_logprobs(openai_client, reference_client):
@@ -175,7 +186,7 @@ def test_prompt_logprobs_equal_colocated(openai_client, reference_client, endpoi
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_with_logprobs_equals_colocated(openai_client, reference_client, stream):
     answer = _same_outcome(openai_client, reference_client, "completions", {
-        "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "echo": True, "logprobs": 2, "n": 2,
+        "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0.8, "seed": 4, "echo": True, "logprobs": 2, "n": 2,
         "stream": stream,
     })
     if not stream:
