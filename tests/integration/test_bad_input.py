@@ -27,7 +27,7 @@ CASES = [
     ("prompt-too-long-stream", CHAT, {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 4}, 400, None),
     ("completion-too-long", "/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 4}, 400, None),
     ("completion-empty-prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
-    ("n-in-disaggregated-mode", CHAT, {"model": MODEL, "messages": MSG, "n": 2}, 400, "n"),
+    ("n-over-the-cap", CHAT, {"model": MODEL, "messages": MSG, "n": 17}, 400, "n"),
     # Bounded before parsing (admission.max_json_values, 262,144 by default): 413.
     ("too-many-json-values", CHAT, {"model": MODEL, "messages": [{"role": "user"}] * 140_000}, 413, None),
     # admission.max_messages (512), then the request model's hard cap (2048).
