@@ -713,9 +713,16 @@ class Ingress:
             status = "499"
             metrics.CLIENT_DISCONNECTS.inc()
             raise
-        except TimeoutError:
-            status = "504"
-            yield _sse_error(error_body(504, "request timed out"))
+        except TimeoutError as exc:
+            if time.monotonic() - started < deadline:
+                # Not this request's deadline: a TimeoutError raised by the worker or Ray
+                # (RayTaskError is also an instance of its cause's type). A failed worker.
+                log.warning("stream from the worker raised %r before the request's deadline", exc)
+                status = "502"
+                yield _sse_error(error_body(502, f"worker failed: {type(exc).__name__}"))
+            else:
+                status = "504"
+                yield _sse_error(error_body(504, "request timed out"))
         except Exception as exc:  # noqa: BLE001 - a dead worker must end the stream cleanly
             log.warning("stream from decode worker failed: %r", exc)
             status = "502"

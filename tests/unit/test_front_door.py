@@ -538,3 +538,13 @@ async def test_a_response_carries_its_ttft_breakdown_and_continues_the_callers_t
     # Back to back: the transfer starts where the prefill ended.
     assert spans["kv_transfer"].start_time == spans["prefill"].end_time
     assert root.attributes["http.response.status_code"] == 200
+
+
+async def test_a_timeout_raised_by_the_worker_mid_stream_is_a_worker_failure_not_the_deadline(front_door):
+    # A RayTaskError wrapping a worker's TimeoutError is an instance of TimeoutError too.
+    colocated = FakeHandle([WorkerReply(CHUNK, 'data: {"choices": []}\n\n')], error=TimeoutError("inside the worker"))
+    client = await front_door({"mode": "colocated"}, colocated=colocated)
+    response = await client.post(CHAT, json=_chat(stream=True))
+    events = [line for line in response.text.splitlines() if line.startswith("data: {\"error\"")]
+    assert len(events) == 1
+    assert json.loads(events[0][len("data: "):])["error"]["message"] == "worker failed: TimeoutError"
