@@ -40,7 +40,8 @@ fi
 # Fail here, not later: everything the service and the tests import must import.
 "$VENV/bin/python" - <<'PY'
 import importlib, importlib.util, sys
-mods = ["ray.serve", "fastapi", "redis", "typer", "control_plane.cli", "routing.ingress", "workers.deployments"]
+mods = ["ray.serve", "fastapi", "redis", "typer", "control_plane.cli", "routing.ingress", "workers.deployments",
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter"]
 import os
 extras = os.environ.get("EXTRAS", "")
 if "cpu" in extras or "gpu" in extras:
