@@ -7,6 +7,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +49,24 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextmanager
+def local_serve(port: int) -> Iterator[tuple[str, str]]:
+    """A local Ray with Serve on ``port`` and the embedded Redis, the bundled model prepared:
+    yields (the HTTP base URL, the Redis URL); shuts Serve and Ray down on the way out."""
+    import ray
+    from ray import serve
+
+    from control_plane.model import prepare_model
+    from control_plane.redis_server import embedded_url, start_embedded
+
+    prepare_model(None)
+    redis_url = embedded_url() or start_embedded()
+    ray.init(num_cpus=16, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}", redis_url
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -34,7 +34,8 @@ import httpx
 import typer
 from rich.console import Console
 
-from bench.common import RESULTS, markdown_table, write_results
+from bench.common import RESULTS, local_serve, markdown_table, write_results
+from bench.pd_n_samples import prompt_of
 
 console = Console()
 PORT = 8314
@@ -43,13 +44,7 @@ MODEL = "smollm2-135m-instruct"
 MODES = ["always", "threshold", "cost_model"]
 CONFIGS = [*MODES, "colocated"]
 WORKLOADS = ["short", "long", "multi-turn"]
-WORDS = ("river stone market window garden signal harbor lantern meadow copper violet thunder orbit "
-         "canyon pepper saddle marble anchor falcon ribbon").split()
 MAX_TOKENS = 32
-
-
-def _text(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 async def _stream(http: httpx.AsyncClient, path: str, messages: list[dict[str, str]]) -> dict[str, Any]:
@@ -79,9 +74,9 @@ async def _run_workload(url: str, path: str, workload: str, requests: int, concu
     async with httpx.AsyncClient(base_url=url, timeout=900, trust_env=False) as http:
         if workload == "multi-turn":
             async def conversation(c: int) -> None:
-                messages = [{"role": "system", "content": f"Conversation {c}. " + _text(rng, 600)}]
+                messages = [{"role": "system", "content": f"Conversation {c}. " + prompt_of(rng, 600)}]
                 for _ in range(4):
-                    messages.append({"role": "user", "content": _text(rng, 40)})
+                    messages.append({"role": "user", "content": prompt_of(rng, 40)})
                     answer = await _stream(http, path, messages)
                     results.append(answer)
                     messages.append({"role": "assistant", "content": answer["text"]})
@@ -89,7 +84,7 @@ async def _run_workload(url: str, path: str, workload: str, requests: int, concu
             await asyncio.gather(*(conversation(c) for c in range(concurrency)))
             return results
         words = 40 if workload == "short" else 1500
-        prompts = [[{"role": "user", "content": _text(rng, words)}] for _ in range(requests)]
+        prompts = [[{"role": "user", "content": prompt_of(rng, words)}] for _ in range(requests)]
         queue = iter(prompts)
 
         async def client() -> None:
@@ -123,23 +118,15 @@ def main(
     concurrency: int = typer.Option(4, help="Concurrent streams (conversations, for multi-turn)."),
     requests: int = typer.Option(16, help="Requests per short and long workload."),
 ) -> None:
-    import ray
     from ray import serve
 
     from bench.live_routers import wait_http_ok
     from control_plane.app import build_app_from_settings, with_kv_secret
-    from control_plane.model import prepare_model
-    from control_plane.redis_server import embedded_url, start_embedded
     from control_plane.settings import load_settings
     from routing.ingress import Ingress
 
-    prepare_model(None)
-    redis_url = embedded_url() or start_embedded()
-    ray.init(num_cpus=16, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    url = f"http://127.0.0.1:{PORT}"
     rows: list[dict[str, Any]] = []
-    try:
+    with local_serve(PORT) as (url, redis_url):
         base = with_kv_secret(load_settings(None, app_name=APP, port=PORT, redis_url=redis_url, route_prefix="/always"))
         serve.run(build_app_from_settings(base), name=APP, route_prefix="/always", blocking=False)
         colocated = load_settings(None, app_name=f"{APP}-colocated", port=PORT, redis_url=redis_url, mode="colocated",
@@ -186,9 +173,6 @@ def main(
                 }
                 rows.append(row)
                 console.print(row)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     for row in rows:
         always = next(r for r in rows if r["workload"] == row["workload"] and r["config"] == "always")
         row["ttft_p50_vs_always"] = row["ttft_p50_s"] / always["ttft_p50_s"]

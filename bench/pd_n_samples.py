@@ -25,7 +25,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from bench.common import RESULTS, markdown_table, median, write_results
+from bench.common import RESULTS, local_serve, markdown_table, median, write_results
 
 console = Console()
 PORT = 8313
@@ -98,23 +98,15 @@ def main(
     prompt_tokens: int = typer.Option(1000, help="Words in each prompt (about as many tokens)."),
     max_tokens: int = typer.Option(32, help="Tokens generated per sample."),
 ) -> None:
-    import ray
     from ray import serve
 
     from bench.live_routers import wait_http_ok
     from control_plane.app import build_app_from_settings
-    from control_plane.model import prepare_model
-    from control_plane.redis_server import embedded_url, start_embedded
     from control_plane.settings import load_settings
 
-    prepare_model(None)
-    redis_url = embedded_url() or start_embedded()
-    ray.init(num_cpus=16, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    url = f"http://127.0.0.1:{PORT}"
     rng = random.Random(5)
     rows: list[dict[str, Any]] = []
-    try:
+    with local_serve(PORT) as (url, redis_url):
         settings = load_settings(None, app_name=APP, port=PORT, redis_url=redis_url)
         serve.run(build_app_from_settings(settings), name=APP, route_prefix="/", blocking=False)
         wait_http_ok(f"{url}/health", 900)
@@ -126,9 +118,6 @@ def main(
                 row = {"n": n, "way": way, **{key: median([p[key] for p in points]) for key in points[0]}}
                 rows.append(row)
                 console.print(row)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     for row in rows:
         one = next(r for r in rows if r["n"] == row["n"] and r["way"] == "one request")
         row["ttft_all_vs_one_request"] = row["ttft_all_s"] / one["ttft_all_s"]
