@@ -65,17 +65,48 @@ def wait_replaced(app_name: str, deployment: str, killed: str, count: int = 1, t
         timeout_s=max(1.0, deadline - time.monotonic()))
 
 
-def engine_core_pids(owner: str | None = None) -> set[int]:
+def engine_core_pids(owner: str | None = None, parents: set[int] | None = None) -> set[int]:
     """vLLM engine-core processes on this machine (they name themselves VLLM::EngineCore);
     with ``owner``, only those whose parent's command line contains it (e.g.
-    "ServeReplica:tandem:DecodeWorker": the engines of one deployment's replicas)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    "ServeReplica:tandem:DecodeWorker"); with ``parents``, only children of those pids."""
+    # -ww: never cut a command line to the terminal's (or $COLUMNS') width.
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
     rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
     args = {int(row[0]): row[2] if len(row) > 2 else "" for row in rows}
     return {
         int(pid) for pid, ppid, *rest in rows
-        if rest and "VLLM::EngineCore" in rest[0] and (owner is None or owner in args.get(int(ppid), ""))
+        if rest and "VLLM::EngineCore" in rest[0]
+        and (owner is None or owner in args.get(int(ppid), ""))
+        and (parents is None or int(ppid) in parents)
     }
+
+
+def replica_pids(app_name: str, deployment: str, timeout_s: float = 180) -> set[int]:
+    """Process ids of ``deployment``'s replicas, as the workers report them (`describe`); a
+    handle call waits until a starting replica serves."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
+    count = max(1, len(replica_actor_names(app_name, deployment)))
+    seen: dict[str, int] = {}
+    for _ in range(4 * count):  # the router spreads calls: a few reach every replica
+        info = handle.describe.remote().result(timeout_s=timeout_s)
+        seen[info["replica_id"]] = int(info["pid"])
+        if len(seen) >= count:
+            break
+    return set(seen.values())
+
+
+def replica_engine_pids(app_name: str, deployment: str, timeout_s: float = 180) -> set[int]:
+    """The engine-core processes of ``deployment``'s replicas, waiting (up to ``timeout_s``)
+    for a replica that is still starting to have spawned its engine."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parents = replica_pids(app_name, deployment, timeout_s=max(1.0, deadline - time.monotonic()))
+        engines = engine_core_pids(parents=parents) if parents else set()
+        if engines or time.monotonic() > deadline:
+            return engines
+        time.sleep(1)
 
 
 def stop_redis() -> int:

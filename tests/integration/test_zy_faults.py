@@ -57,9 +57,9 @@ def _wait_until_answered(url: str, body: dict, timeout_s: float = RECOVERY_TIMEO
 
 def test_decode_killed_mid_stream_ends_the_stream_cleanly(cluster):
     # The engine core(s) of the replica about to be killed: its child processes.
+    engines_before = faults.replica_engine_pids(APP, "DecodeWorker")
+    assert engines_before, f"no engine core under the DecodeWorker replicas {faults.replica_pids(APP, 'DecodeWorker')}"
     every_engine_before = faults.engine_core_pids()
-    engines_before = faults.engine_core_pids(f"ServeReplica:{APP}:DecodeWorker")
-    assert engines_before
     body = _chat("Write a very long story about a lighthouse keeper.", max_tokens=600, ignore_eos=True, stream=True)
     events: list[str] = []
     killed_at = None
