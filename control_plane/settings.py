@@ -302,6 +302,70 @@ class TracingSettings(_Strict):
     service_name: str = "tandem"
 
 
+class PlannerSettings(_Strict):
+    """The P:D planner (control_plane/planner/): sizes the prefill and decode pools together
+    from the measured workload and the SLOs, as Ray Serve's application-level autoscaling
+    policy. Off: each pool is fixed, or Serve scales it on its own queue (`autoscaling`)."""
+
+    enabled: bool = False
+    # The targets: a request attains its SLO when its TTFT and its mean TPOT both meet them.
+    slo_ttft_s: float = Field(2.0, gt=0)
+    slo_tpot_s: float = Field(0.1, gt=0)
+    # Attainment the corrective part holds (fraction of requests meeting both SLOs).
+    attainment_target: float = Field(0.95, gt=0, lt=1)
+    # Bounds per phase and for both together.
+    min_prefill: int = Field(1, ge=1)
+    max_prefill: int = Field(8, ge=1)
+    min_decode: int = Field(1, ge=1)
+    max_decode: int = Field(8, ge=1)
+    max_total: int = Field(12, ge=2)
+    # How often the planner decides, and how far ahead it plans: a new engine serves only
+    # after `engine_start_s`, so the forecast looks that far (plus one interval) ahead.
+    interval_s: float = Field(10.0, gt=0)
+    engine_start_s: float = Field(60.0, ge=0)
+    # Capacity planned above the forecast load, for bursts no forecast sees (a new engine
+    # serves only `engine_start_s` after it is asked for; until then the headroom absorbs
+    # a burst). 0.1: a tenth more.
+    headroom: float = Field(0.1, ge=0, le=4)
+    # Utilization bounds of the predictive part: at most `max_utilization` of an engine's
+    # measured throughput is planned for; less when the TTFT budget is tight.
+    max_utilization: float = Field(0.85, gt=0, le=1)
+    min_utilization: float = Field(0.3, gt=0, le=1)
+    # Hysteresis: a pool shrinks only when it would still be needed at `down_band` of the
+    # planned utilization, after that has held `downscale_delay_s`, by `max_step_down`
+    # replicas at most at a time (half the excess); it grows at once, then not again for
+    # `upscale_cooldown_s`.
+    down_band: float = Field(0.7, gt=0, lt=1)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    upscale_cooldown_s: float = Field(0.0, ge=0)
+    max_step_down: int = Field(4, ge=1)
+    # The corrective part: each interval with attainment below target (and no engine of
+    # the phase still starting) multiplies a phase's plan by 1 + gain * shortfall /
+    # (1 - target), at most 1.25; comfortably above target it moves `relax` of the way
+    # back to 1 (never below: the model is the floor).
+    gain: float = Field(0.1, ge=0)
+    relax: float = Field(0.1, ge=0, lt=1)
+    max_correction: float = Field(3.0, ge=1)
+    # Completed requests an interval needs before its attainment corrects anything.
+    min_samples: int = Field(20, ge=1)
+    # Priors until the pools have been measured: prompt tokens one prefill engine computes
+    # per second, and a decode step's seconds as fixed + per sequence (+ per context token).
+    prior_prefill_tokens_per_s: float = Field(4000.0, gt=0)
+    prior_decode_step_s: float = Field(0.03, gt=0)
+    prior_decode_per_seq_s: float = Field(0.001, ge=0)
+    max_num_seqs: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlannerSettings:
+        if self.min_prefill > self.max_prefill or self.min_decode > self.max_decode:
+            raise ValueError("planner: min_prefill/min_decode must not exceed max_prefill/max_decode")
+        if self.min_prefill + self.min_decode > self.max_total:
+            raise ValueError("planner: min_prefill + min_decode exceeds max_total")
+        if self.min_utilization > self.max_utilization:
+            raise ValueError("planner: min_utilization exceeds max_utilization")
+        return self
+
+
 class TandemSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -319,6 +383,7 @@ class TandemSettings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
     # None = Tandem starts its embedded Redis on loopback.
     redis_url: str | None = None
     # None = start a local Ray (`tandem up`) or use RAY_ADDRESS when set.

@@ -5,6 +5,7 @@
     python -m bench.cluster_sim curves --profile cpu_smollm2          # P90 TTFT vs rate
     python -m bench.cluster_sim scale --instances 1000                # one big run
     python -m bench.cluster_sim run --policy dualmap --rate 20        # one run, printed
+    python -m bench.cluster_sim planner                               # elastic P:D pools
 
 Results go to bench/results/cluster_sim_*.{json,csv,png}.
 """
@@ -301,6 +302,41 @@ def run(
     result = simulate(cost, work, policy, rate, arrival, config, slo_for(cost), seed)
     for key, value in result.row().items():
         console.print(f"{key:>20}: {value}")
+
+
+@app.command()
+def planner(
+    profile: str = typer.Option("gpu_llama3_8b_h100"),
+    slo_ttft_s: float = typer.Option(2.0),
+    slo_tpot_s: float = typer.Option(0.05),
+    engine_start_s: float = typer.Option(60.0),
+    quick: bool = typer.Option(False, help="A smaller grid of static and Serve configurations."),
+    workers: int = typer.Option(2),
+    seed: int = typer.Option(0),
+) -> None:
+    """Tandem's P:D planner vs static pools, Serve's per-deployment autoscaling and a
+    Dynamo-style planner, over a day whose mix and rate shift (bench/cluster_sim/planner_bench.py)."""
+    from bench.cluster_sim import planner_bench
+    from bench.cluster_sim.shifting import DAY, shifting_workload
+
+    setup = planner_bench.Setup(profile=profile, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
+                                engine_start_s=engine_start_s, seed=seed)
+    started = time.perf_counter()
+    rows, timelines = planner_bench.run_all(setup, quick=quick, workers=workers)
+    summary = planner_bench.summary(rows)
+    workload, _ = shifting_workload(DAY, seed=seed)
+    meta = {"setup": setup.__dict__, "workload": workload.description, "requests": len(workload.requests),
+            "planner": setup.planner_settings().model_dump(), "summary": summary,
+            "wall_s": time.perf_counter() - started}
+    name = "planner_sim"
+    write_results(name, rows, meta)
+    paths = planner_bench.plot(rows, timelines, name)
+    rows.sort(key=lambda r: (r["kind"] != "tandem", r["kind"], r["engine_hours"]))
+    console.print(markdown_table(rows, ["scaler", "attainment", "engine_hours", "goodput_per_engine_hour", "lost",
+                                        "ttft_p90_s", "tpot_p90_s", "scale_events", "by_stretch"]))
+    for key, value in summary.items():
+        console.print(f"{key:>42}: {value:.3f}" if isinstance(value, float) else f"{key:>42}: {value}")
+    console.print("plots: " + ", ".join(paths))
 
 
 @app.command()
