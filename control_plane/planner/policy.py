@@ -205,8 +205,9 @@ class Planner:
         for phase in PHASES:
             need, down_need, reason = needs[phase]
             corr = self.phases[phase].correction
+            floor = cfg.min_prefill if phase == "prefill" else cfg.min_decode
             wanted[phase] = self._hysteresis(phase, current[phase], math.ceil(need * corr - 1e-9),
-                                             math.ceil(down_need * corr - 1e-9), reason, obs.now)
+                                             max(floor, math.ceil(down_need * corr - 1e-9)), reason, obs.now)
         targets = self._bounded({p: wanted[p][0] for p in PHASES})
         plans = {}
         for phase in PHASES:
