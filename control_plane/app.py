@@ -53,6 +53,38 @@ def router_config(settings: TandemSettings, role: Role) -> RequestRouterConfig:
     )
 
 
+def planner_on(settings: TandemSettings) -> bool:
+    return settings.planner.enabled and settings.mode == "disaggregated"
+
+
+def planner_autoscaling(settings: TandemSettings, role: Role) -> dict[str, Any]:
+    """Serve's autoscaling config of a pool the planner sizes: its bounds, no delays of
+    Serve's own (the planner has its hysteresis), metrics over one planner interval."""
+    planner = settings.planner
+    low, high = (planner.min_prefill, planner.max_prefill) if role == "prefill" else (planner.min_decode, planner.max_decode)
+    return {
+        "min_replicas": low,
+        "max_replicas": high,
+        "initial_replicas": min(high, max(low, settings.worker(role).replicas)),
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "look_back_period_s": planner.interval_s,
+    }
+
+
+def planner_policy(settings: TandemSettings) -> dict[str, Any]:
+    """The application-level autoscaling policy of a Serve config (serveConfigV2, or the
+    config `tandem up` deploys) when the planner is on."""
+    return {
+        "policy_function": "control_plane.planner.serve_policy:PlannerPolicy",
+        "policy_kwargs": {
+            "planner": settings.planner.model_dump(mode="json"),
+            "app_name": settings.app_name,
+            "redis_url": settings.redis_url,
+        },
+    }
+
+
 def with_kv_secret(settings: TandemSettings, secret: str | None = None) -> TandemSettings:
     """Settings whose KV connector has a cluster secret: the configured one, else ``secret``,
     else a fresh one. Tandem's KV port is never left unauthenticated."""
@@ -70,13 +102,22 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
     settings = with_kv_secret(settings)
     data = settings.model_dump(mode="json")
 
+    planned = planner_on(settings)
+
     def pool(role: Role) -> Application:
         worker = settings.worker(role)
-        scaling: dict[str, Any] = (
-            {"autoscaling_config": worker.autoscaling.model_dump(exclude_none=True)}
-            if worker.autoscaling is not None
-            else {"num_replicas": worker.replicas}
-        )
+        scaling: dict[str, Any]
+        if planned and role in ("prefill", "decode"):
+            scaling = {"autoscaling_config": planner_autoscaling(settings, role)}
+        elif worker.autoscaling is not None:
+            scaling = {"autoscaling_config": worker.autoscaling.model_dump(exclude_none=True)}
+        else:
+            scaling = {"num_replicas": worker.replicas}
+        # A worker outlives the requests on it: longer than the ingress's drain, and with
+        # the planner scaling decode down, as long as a stream may last.
+        grace = settings.routing.drain_grace_s + 30
+        if planned and role == "decode":
+            grace = max(grace, settings.routing.request_timeout_s)
         return (
             WORKER_DEPLOYMENTS[role]
             .options(
@@ -87,8 +128,7 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
                     "num_gpus": worker.num_gpus,
                     **({"resources": dict(worker.ray_resources)} if worker.ray_resources else {}),
                 },
-                # Longer than the ingress's drain, so a worker outlives the requests on it.
-                graceful_shutdown_timeout_s=settings.routing.drain_grace_s + 30,
+                graceful_shutdown_timeout_s=grace,
                 request_router_config=router_config(settings, role),
             )
             .bind(data)
@@ -97,6 +137,10 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
     # Serve waits this long for a stopping ingress replica's requests (when no drain ran).
     ingress = Ingress.options(
         graceful_shutdown_timeout_s=settings.routing.drain_grace_s + 10,
+        # Serve collects a replica's custom metrics only under an autoscaling config: the
+        # planner reads the workload from the ingress's.
+        **({"autoscaling_config": {"min_replicas": 1, "max_replicas": 1,
+                                   "look_back_period_s": settings.planner.interval_s}} if planned else {}),
         **({"ray_actor_options": {"resources": dict(settings.ingress_ray_resources)}} if settings.ingress_ray_resources else {}),
     )
     if settings.mode == "disaggregated":

@@ -155,17 +155,10 @@ def up(
 
     from ray import serve
 
-    from control_plane.app import build_app_from_settings
-
     serve.start(http_options={"host": settings.host, "port": settings.port})
     started = time.monotonic()
     with console.status(f"deploying {settings.mode} app '{settings.app_name}'..."):
-        serve.run(
-            build_app_from_settings(settings),
-            name=settings.app_name,
-            route_prefix=settings.route_prefix,
-            blocking=False,
-        )
+        _deploy(settings)
         health = _wait_healthy(settings.url, timeout)
     console.print(f"[green]ready[/] in {time.monotonic() - started:.0f}s: {health['pools']}")
     console.print(f"\nOpenAI endpoint: [bold]{settings.url}/v1[/]\n")
@@ -184,6 +177,36 @@ def up(
     if block:
         _block_until_signalled()
         down(grace=None, config=config)
+
+
+def _deploy(settings: TandemSettings) -> None:
+    """Deploy the app: from Python, or, with the P:D planner, as a Serve config (Serve
+    applies an application-level autoscaling policy only to apps deployed from config, as
+    KubeRay's serveConfigV2 does)."""
+    from ray import serve
+
+    from control_plane.app import build_app_from_settings, planner_on, planner_policy
+
+    if not planner_on(settings):
+        serve.run(build_app_from_settings(settings), name=settings.app_name,
+                  route_prefix=settings.route_prefix, blocking=False)
+        return
+    # Serve has no public config deploy without the dashboard's REST API: its own client.
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    client = _get_global_client()
+    app = ServeApplicationSchema(
+        name=settings.app_name, route_prefix=settings.route_prefix, import_path="control_plane.app:build_app",
+        args=settings.model_dump(mode="json", exclude={"config_file"}), autoscaling_policy=planner_policy(settings),
+    )
+    # A config deploy replaces every app deployed from config: keep the others as they are.
+    others = [
+        ServeApplicationSchema(**details["deployed_app_config"])
+        for name, details in (client.get_serve_details().get("applications") or {}).items()
+        if name != settings.app_name and details.get("deployed_app_config")
+    ]
+    client.deploy_apps(ServeDeploySchema(applications=[*others, app]))
 
 
 def _block_until_signalled() -> None:
@@ -423,6 +446,7 @@ def status(
     report["redis"] = {"url": redis_server.redacted(redis_url), "ok": bool(redis_url and redis_server.ping(redis_url))}
     report["workers"] = list_workers(redis_url, state["app_name"]) if report["redis"]["ok"] else []
     report["deployments"] = _serve_deployments(state)
+    report["planner"] = _planner_view(redis_url, state["app_name"]) if report["redis"]["ok"] else None
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return
@@ -446,8 +470,43 @@ def status(
             str(stats.get("external_kv_hits", 0)),
         )
     console.print(workers)
+    if report["planner"]:
+        _print_planner(report["planner"])
     if report["health"].get("status") != "ok":
         raise typer.Exit(1)
+
+
+def _planner_view(redis_url: str | None, app_name: str) -> dict[str, Any] | None:
+    """The P:D planner's latest decision and its decision counts (None: no planner)."""
+    import redis
+
+    from control_plane.planner.serve_policy import read_decisions, read_plan
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0) if redis_url else None
+    try:
+        record = read_plan(client, app_name) if client is not None else None
+        if record is None:
+            return None
+        record["decisions"] = {f"{phase}:{reason}": n for (phase, reason), n in read_decisions(client, app_name).items()}
+        return record
+    except (redis.RedisError, OSError, ValueError):
+        return None
+
+
+def _print_planner(view: dict[str, Any]) -> None:
+    plan, observed = view["plan"], view["observed"]
+    age = time.time() - view["at"]
+    console.print(f"[bold]planner[/] ({age:.0f}s ago): {observed['arrivals_per_s']:.2f} req/s observed, "
+                  f"{plan['rate_forecast']:.2f} forecast; predicted TTFT {plan['predicted_ttft_s']:.2f}s, "
+                  f"TPOT {plan['predicted_tpot_s'] * 1000:.0f}ms")
+    table = Table("phase", "replicas", "starting", "needed", "correction", "target", "why", "attainment")
+    slo = {"prefill": "ttft", "decode": "tpot"}
+    for phase in ("prefill", "decode"):
+        attained = observed.get(f"{slo[phase]}_attainment")
+        table.add_row(phase, str(observed[f"{phase}_replicas"]), str(observed[f"{phase}_starting"]),
+                      f"{plan[phase]['needed']:.2f}", f"{plan[phase]['correction']:.2f}", str(plan[phase]["target"]),
+                      plan[phase]["reason"], "-" if attained is None else f"{slo[phase].upper()} {attained:.0%}")
+    console.print(table)
 
 
 def _serve_deployments(state: dict[str, Any]) -> dict[str, Any]:

@@ -424,6 +424,17 @@ class TandemSettings(BaseSettings):
             raise ValueError("colocated mode needs at least one colocated replica")
         return self
 
+    @model_validator(mode="after")
+    def _planner_owns_the_pools(self) -> TandemSettings:
+        if not self.planner.enabled:
+            return self
+        if self.mode != "disaggregated":
+            raise ValueError("planner.enabled sizes prefill and decode pools: it needs mode: disaggregated")
+        if self.prefill.autoscaling is not None or self.decode.autoscaling is not None:
+            raise ValueError("planner.enabled sizes the prefill and decode pools: remove "
+                             "prefill.autoscaling / decode.autoscaling (the planner's bounds are planner.min_*/max_*)")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

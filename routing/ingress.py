@@ -51,6 +51,7 @@ from routing.protocol import (
 )
 from routing.timing import HEADER as TIMING_HEADER
 from routing.timing import Timing
+from routing.workload import WorkloadWindow
 from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 
 log = logging.getLogger("ray.serve")
@@ -401,6 +402,8 @@ class Ingress:
             plan_input=self._plan_input if disagg.mode != "always" else None,
         )
         self._models_cache: dict[str, Any] | None = None
+        planner = self.settings.planner
+        self.workload = WorkloadWindow(planner.slo_ttft_s, planner.slo_tpot_s, window_s=planner.interval_s)
         metrics.include_workers(self.settings.redis_url, self.settings.app_name,
                                 metrics.link_key(self.settings.kv_connector.auth_secret))
         auth.install(_authenticator(self.settings), metrics_open=not self.settings.auth.metrics_require_key)
@@ -415,6 +418,11 @@ class Ingress:
             serve.get_replica_context().replica_id.unique_id, lambda: self._gate.in_flight,
         )
         self._drain.start()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The workload over the last planner interval, for the P:D planner (Serve's custom
+        autoscaling metrics; the ingress reports them when the planner is on)."""
+        return self.workload.stats()
 
     # ---- endpoints ---------------------------------------------------------------------
 
@@ -535,7 +543,13 @@ class Ingress:
                 metrics.SHED.labels("503").inc()
                 raise OpenAIError(503, "The server is shutting down; retry on another instance.",
                                   code="shutting_down", headers={"Retry-After": str(self.settings.admission.retry_after_s)})
-            self._admit_load(prompt_tokens)
+            # Demand the planner sees: shed requests too (they are what capacity lacked).
+            self.workload.arrived(self.decider.tokens_for(_prompt_chars(body)))
+            try:
+                self._admit_load(prompt_tokens)
+            except OpenAIError:
+                self.workload.finished(0, None, None)
+                raise
         except BaseException:
             if key is not None:
                 auth.release_later(key, 0)
@@ -591,6 +605,8 @@ class Ingress:
                 started, request_id,
             )
         except OpenAIError as exc:
+            if exc.status >= 500:
+                self.workload.finished(0, None, None)  # accepted, then failed: a miss
             if span is not None:
                 span.end(exc.status)
             raise
@@ -633,14 +649,22 @@ class Ingress:
             span.add_steps(timing)
             headers.update(span.traceparent())
         if first.kind == RESPONSE:
-            metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
+            e2e = time.monotonic() - started
+            metrics.E2E.labels(endpoint, self.mode).observe(e2e)
             metrics.count_request(http.url.path, "200")
             usage = (first.body.get("usage") if isinstance(first.body, dict) else None) or {}
-            metrics.GENERATION_TOKENS.labels(endpoint).inc(int(usage.get("completion_tokens") or 0))
+            generated = int(usage.get("completion_tokens") or 0)
+            metrics.GENERATION_TOKENS.labels(endpoint).inc(generated)
+            # Unstreamed: the first token came when the timed parts ended (all of E2E if
+            # they were not measured); the rest of E2E was the other tokens.
+            ttft = min(e2e, sum(timing.parts.values())) if timing.parts else e2e
+            tpot = (e2e - ttft) / (generated - 1) if generated > 1 else None
+            self.workload.finished(generated, ttft, tpot, timing.parts)
             return JSONResponse(first.body, headers=headers), int(usage.get("total_tokens") or 0), False
         metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
         stream = StreamingResponse(
-            self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, prompt_tokens, span),
+            self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, prompt_tokens, span,
+                      dict(timing.parts)),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -687,6 +711,7 @@ class Ingress:
         lease: _Lease | None = None,
         prompt_tokens: int = 0,
         span: tracing.RequestSpan | None = None,
+        parts: dict[str, float] | None = None,
     ) -> AsyncIterator[str]:
         status = "200"
         first_at = last_at = time.monotonic()
@@ -731,9 +756,13 @@ class Ingress:
             await rest.aclose()  # type: ignore[attr-defined]
             metrics.count_request(path, status)
             metrics.E2E.labels(endpoint, self.mode).observe(time.monotonic() - started)
-            if chunks > 1:
-                metrics.TPOT.labels(endpoint, self.mode).observe((last_at - first_at) / (chunks - 1))
+            tpot = (last_at - first_at) / (chunks - 1) if chunks > 1 else None
+            if tpot is not None:
+                metrics.TPOT.labels(endpoint, self.mode).observe(tpot)
             metrics.GENERATION_TOKENS.labels(endpoint).inc(chunks)
+            if status != "499":  # a client that left says nothing of the service
+                ok = status == "200"
+                self.workload.finished(chunks, first_at - started if ok else None, tpot, parts)
             if lease is not None:
                 # Streamed chunks carry about one token each.
                 lease.release(prompt_tokens + chunks)

@@ -210,9 +210,13 @@ _included: set[tuple[str | None, str]] = set()
 
 
 def include_workers(redis_url: str | None, app_name: str, link_key: bytes | None = None) -> None:
-    """Serve the workers' metrics from this process's registry (once per app)."""
+    """Serve the workers' metrics and the P:D planner's view from this process's registry
+    (once per app)."""
     if (redis_url, app_name) not in _included:
+        from control_plane.planner.metrics import PlannerMetricsCollector
+
         REGISTRY.register(WorkerMetricsCollector(redis_url, app_name, link_key))
+        REGISTRY.register(PlannerMetricsCollector(redis_url, app_name))
         _included.add((redis_url, app_name))
 
 

@@ -65,6 +65,10 @@ class EngineWorker:
     def record_routing_stats(self) -> dict[str, Any]:
         return self._host.routing_stats()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the P:D planner reads of this engine (Serve's custom autoscaling metrics)."""
+        return self._host.stats.planner_stats()
+
     def metrics_text(self) -> str:
         return self.metrics.exposition()
 
@@ -98,6 +102,10 @@ class EngineWorker:
     async def __del__(self) -> None:
         self._heartbeat.cancel()
         await self._registry.remove(self._replica_id)
+        if self.role == "prefill":
+            # Serve has stopped routing here and its calls have returned; KV they published
+            # is still in this engine until decode pulls it (or its TTL frees it).
+            await self._host.wait_published(timeout_s=self._settings.kv_connector.ttl_s + 5)
         await self._host.shutdown()
 
 

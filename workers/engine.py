@@ -9,6 +9,7 @@ module knows nothing about Ray; `workers.deployments` wraps it in Serve deployme
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -327,6 +328,21 @@ class EngineHost:
             self._cores or "all",
             self.info.kv_connector,
         )
+
+    async def wait_published(self, timeout_s: float, poll_s: float = 0.2) -> bool:
+        """Until this engine holds no KV for a pull (nothing running or waiting and its KV
+        cache empty: vLLM frees a published request's blocks once the connector reports it
+        pulled or expired), or ``timeout_s``. True if it emptied."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            snapshot = self.stats.snapshot()
+            if not snapshot["running"] and not snapshot["waiting"] and snapshot["kv_cache_usage"] < 0.005:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("shutting down with KV still held for a pull (cache %.1f%% used)",
+                            100 * snapshot["kv_cache_usage"])
+                return False
+            await asyncio.sleep(poll_s)
 
     async def shutdown(self) -> None:
         if self.engine is not None:

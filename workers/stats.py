@@ -1,8 +1,10 @@
-"""Live load of one engine, for routing and `tandem status`.
+"""Live load of one engine, for routing, the P:D planner and `tandem status`.
 
 vLLM reports scheduler state to stat loggers after every engine step; we keep the latest
 values plus cumulative cache counters. The worker adds what the scheduler cannot know yet:
-prompt tokens handed to the engine but not prefilled.
+prompt tokens handed to the engine but not prefilled. For the planner, a sliding window of
+the last seconds: prompt tokens computed per busy second, prefix hits, decode steps (batch,
+KV held, inter-token latency).
 """
 
 from __future__ import annotations
@@ -33,6 +35,42 @@ class _CacheCounter:
 _PULLS_REMEMBERED = 1024
 
 
+class WindowedSums:
+    """Sums of named quantities over the last ``window_s`` seconds (one bucket a second)."""
+
+    def __init__(self, window_s: float = 10.0, clock: Any = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._buckets: OrderedDict[int, dict[str, float]] = OrderedDict()
+
+    def add(self, **values: float) -> None:
+        now = int(self._clock())
+        bucket = self._buckets.get(now)
+        if bucket is None:
+            bucket = self._buckets[now] = {}
+            self._trim(now)
+        for name, value in values.items():
+            bucket[name] = bucket.get(name, 0.0) + value
+
+    def sums(self) -> dict[str, float]:
+        self._trim(int(self._clock()))
+        out: dict[str, float] = {}
+        for bucket in self._buckets.values():
+            for name, value in bucket.items():
+                out[name] = out.get(name, 0.0) + value
+        return out
+
+    def _trim(self, now: int) -> None:
+        while self._buckets and next(iter(self._buckets)) <= now - self.window_s:
+            self._buckets.popitem(last=False)
+
+
+# What a replica reports to the P:D planner (Serve's record_autoscaling_stats): always the
+# same keys, numbers only (Serve disables a replica's stats at the first other value).
+PLANNER_STATS = ("prefill_tokens_per_s", "busy_s", "computed_tokens", "prompt_tokens", "cached_tokens",
+                 "queued_tokens", "running", "waiting", "kv_usage", "context_tokens", "step_s", "steps")
+
+
 class EngineStats:
     def __init__(self, metrics: Any = None) -> None:
         # Optional workers.metrics.WorkerMetrics fed with every update.
@@ -59,6 +97,10 @@ class EngineStats:
         # The latest pulls' durations by transfer id, for each request's timing breakdown.
         self._pull_seconds: OrderedDict[str, float] = OrderedDict()
         self.updated_at = 0.0
+        # The planner's window, and what is needed to fill it.
+        self.window = WindowedSums()
+        self.kv_capacity_tokens = 0  # the engine's KV cache, in tokens (set at engine start)
+        self._busy_until = 0.0  # end of the prefill time already counted
 
     # Fed by the worker's engine wrapper ------------------------------------------------
 
@@ -81,6 +123,54 @@ class EngineStats:
             self.in_flight_requests -= 1
 
     # Fed by vLLM's stat logger hook ----------------------------------------------------
+
+    def record_iteration(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """One engine step's output: the prompt tokens it finished prefilling and the time
+        the engine spent prefilling (the union of the finished requests' prefill intervals,
+        each ending now), inter-token latencies, the batch and its KV."""
+        now = time.monotonic()
+        values: dict[str, float] = {}
+        finished = getattr(iteration_stats, "finished_requests", None) or []
+        longest = max((float(getattr(f, "prefill_time", 0.0) or 0.0) for f in finished), default=0.0)
+        if longest > 0:
+            start = max(self._busy_until, now - longest)
+            values["busy_s"] = max(0.0, now - start)
+            self._busy_until = now
+        tokens = getattr(iteration_stats, "prompt_token_stats", None)
+        if tokens is not None:
+            values["computed_tokens"] = float(getattr(tokens, "computed", 0))
+            values["prompt_tokens"] = float(getattr(tokens, "total", 0))
+            values["cached_tokens"] = float(getattr(tokens, "local_cache_hit", 0))
+        running = int(getattr(scheduler_stats, "num_running_reqs", 0) or 0) if scheduler_stats else 0
+        itls = getattr(iteration_stats, "inter_token_latencies_iter", None) or []
+        if itls and running:
+            waiting = int(getattr(scheduler_stats, "num_waiting_reqs", 0) or 0)
+            usage = float(getattr(scheduler_stats, "kv_cache_usage", 0.0) or 0.0)
+            values.update(steps=1.0, step_s=sum(itls) / len(itls), running=float(running),
+                          waiting=float(waiting), kv_usage=usage,
+                          context_tokens=usage * self.kv_capacity_tokens)
+        if values:
+            self.window.add(**values)
+
+    def planner_stats(self) -> dict[str, float]:
+        """The last seconds as the planner reads them (PLANNER_STATS, all numbers)."""
+        sums = self.window.sums()
+        steps = sums.get("steps", 0.0)
+        busy = sums.get("busy_s", 0.0)
+        with self._lock:
+            queued = float(self.in_flight_prompt_tokens)
+        out = {
+            "prefill_tokens_per_s": sums.get("computed_tokens", 0.0) / busy if busy > 0.5 else 0.0,
+            "busy_s": busy,
+            "computed_tokens": sums.get("computed_tokens", 0.0),
+            "prompt_tokens": sums.get("prompt_tokens", 0.0),
+            "cached_tokens": sums.get("cached_tokens", 0.0),
+            "queued_tokens": queued,
+            "steps": steps,
+        }
+        for name in ("running", "waiting", "kv_usage", "context_tokens", "step_s"):
+            out[name] = sums.get(name, 0.0) / steps if steps else 0.0
+        return out
 
     def record_scheduler(self, scheduler_stats: Any) -> None:
         with self._lock:
@@ -136,7 +226,14 @@ class EngineStats:
 
     def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         """A vLLM StatLoggerFactory bound to this object."""
-        return _StatsLogger(self)
+        self.set_kv_capacity(vllm_config)
+        return _StatsLogger(self, vllm_config)
+
+    def set_kv_capacity(self, vllm_config: Any) -> None:
+        cache = getattr(vllm_config, "cache_config", None)
+        blocks = getattr(cache, "num_gpu_blocks", None) or 0
+        if blocks:
+            self.kv_capacity_tokens = int(blocks) * int(getattr(cache, "block_size", 16) or 16)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -166,8 +263,9 @@ class EngineStats:
 class _StatsLogger:
     """Adapter with vLLM's StatLoggerBase interface (duck-typed: vLLM only calls it)."""
 
-    def __init__(self, stats: EngineStats):
+    def __init__(self, stats: EngineStats, vllm_config: Any = None):
         self._stats = stats
+        self._config = vllm_config
 
     def record(
         self,
@@ -178,9 +276,11 @@ class _StatsLogger:
     ) -> None:
         if scheduler_stats is not None:
             self._stats.record_scheduler(scheduler_stats)
+        if iteration_stats is not None:
+            self._stats.record_iteration(scheduler_stats, iteration_stats)
 
     def log_engine_initialized(self) -> None:
-        pass
+        self._stats.set_kv_capacity(self._config)
 
     def log(self) -> None:
         pass

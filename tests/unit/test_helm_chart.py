@@ -837,3 +837,36 @@ def test_head_drains_before_it_stops(chart):
         assert hook == ["tandem", "drain", "--grace", str(grace)]
         # Kubernetes kills the pod after terminationGracePeriodSeconds, preStop included.
         assert head["terminationGracePeriodSeconds"] > grace
+
+
+PLANNER = {"tandem": {"planner": {"enabled": True, "min_prefill": 1, "max_prefill": 4, "min_decode": 2, "max_decode": 6,
+                                  "max_total": 9, "slo_ttft_s": 1.5}}}
+
+
+def test_planner_is_the_apps_autoscaling_policy(chart):
+    """planner.enabled: Serve's application-level policy is Tandem's planner (with the
+    settings the app gets), and the Ray autoscaler sizes the worker groups to its bounds."""
+    rayservice = one(objects(render(chart, PLANNER)), "RayService")
+    (application,) = serve_config(rayservice)["applications"]
+    policy = application["autoscaling_policy"]
+    assert policy["policy_function"] == "control_plane.planner.serve_policy:PlannerPolicy"
+    settings = settings_from_rayservice(rayservice)
+    assert settings.planner.enabled and settings.planner.max_total == 9
+    assert policy["policy_kwargs"]["app_name"] == settings.app_name
+    # The Redis URL is the head's TANDEM_REDIS_URL (it carries the password from a Secret).
+    assert policy["policy_kwargs"]["redis_url"] in ("", settings.redis_url)
+    assert "TANDEM_REDIS_URL" in env_of(pod_specs(rayservice)["head"])
+    # The policy builds the same planner settings as the app.
+    from control_plane.planner.serve_policy import PlannerPolicy
+
+    assert PlannerPolicy(**policy["policy_kwargs"]).settings == settings.planner
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    sizes = {g["groupName"]: (g["minReplicas"], g["replicas"], g["maxReplicas"]) for g in cluster["workerGroupSpecs"]}
+    # One engine a pod: prefill 1..4 pods; decode starts at its minimum of 2, up to 6.
+    assert sizes == {"prefill": (1, 1, 4), "decode": (2, 2, 6)}
+
+
+def test_planner_off_adds_no_policy(chart):
+    (application,) = serve_config(one(objects(render(chart)), "RayService"))["applications"]
+    assert "autoscaling_policy" not in application

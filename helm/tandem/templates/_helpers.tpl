@@ -206,8 +206,14 @@ redis://{{ include "tandem.redisName" . }}:6379/0
 {{- range $role := splitList " " (include "tandem.roles" .) -}}
 {{- if (index $.Values.tandem $role | default dict).autoscaling -}}{{- $on = true -}}{{- end -}}
 {{- end -}}
+{{- if include "tandem.planner" . -}}{{- $on = true -}}{{- end -}}
 {{- if not (kindIs "invalid" .Values.rayAutoscaler.enabled) -}}{{- $on = .Values.rayAutoscaler.enabled -}}{{- end -}}
 {{- if $on -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the P:D planner sizes the prefill and decode pools (tandem.planner.enabled). */}}
+{{- define "tandem.planner" -}}
+{{- if and ((.Values.tandem.planner | default dict).enabled) (eq (.Values.tandem.mode | default "disaggregated") "disaggregated") -}}true{{- end -}}
 {{- end -}}
 
 {{/* "true" when the Ray autoscaler runs as v2. */}}
@@ -239,6 +245,16 @@ redis://{{ include "tandem.redisName" . }}:6379/0
 {{- $minEngines := $engines -}}
 {{- $maxEngines := $engines -}}
 {{- $where := printf "tandem.%s.replicas" $role -}}
+{{- $planner := .root.Values.tandem.planner | default dict -}}
+{{- if and (include "tandem.planner" $root) (has $role (list "prefill" "decode")) -}}
+{{- /* The planner's bounds (PlannerSettings' defaults: 1 .. 8 engines a phase). */ -}}
+{{- $minKey := printf "min_%s" $role -}}
+{{- $maxKey := printf "max_%s" $role -}}
+{{- $minEngines = ternary (int (index $planner $minKey)) 1 (hasKey $planner $minKey) -}}
+{{- $maxEngines = ternary (int (index $planner $maxKey)) 8 (hasKey $planner $maxKey) -}}
+{{- $engines = min $maxEngines (max $minEngines $engines) -}}
+{{- $where = printf "tandem.planner.min_%s/max_%s" $role $role -}}
+{{- end -}}
 {{- with $pool.autoscaling -}}
 {{- $minEngines = ternary (int .min_replicas) 1 (hasKey . "min_replicas") -}}
 {{- $maxEngines = ternary (int .max_replicas) 1 (hasKey . "max_replicas") -}}
@@ -452,6 +468,12 @@ redis://{{ include "tandem.redisName" . }}:6379/0
 {{- $app := dict "name" ($args.app_name | default "tandem") "route_prefix" ($args.route_prefix | default "/") "import_path" "control_plane.app:build_app" "args" $args -}}
 {{- if .Values.serve.runtimeEnv -}}
 {{- $_ := set $app "runtime_env" .Values.serve.runtimeEnv -}}
+{{- end -}}
+{{- if include "tandem.planner" . -}}
+{{- /* The P:D planner, as Serve's application-level autoscaling policy (control_plane/app.py:
+       planner_policy builds the same for `tandem up`). */ -}}
+{{- $kwargs := dict "planner" $args.planner "app_name" ($args.app_name | default "tandem") "redis_url" ($args.redis_url | default "") -}}
+{{- $_ := set $app "autoscaling_policy" (dict "policy_function" "control_plane.planner.serve_policy:PlannerPolicy" "policy_kwargs" $kwargs) -}}
 {{- end -}}
 {{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int .Values.serve.port)) "applications" (list $app) -}}
 {{- toYaml $config -}}

@@ -1,0 +1,71 @@
+"""The workload as the ingress sees it, over the last seconds, for the P:D planner (Serve's
+custom autoscaling metrics of the ingress): arrivals and their prompt tokens when they are
+accepted, output tokens and SLO attainment when they finish, and where TTFT went (the KV
+handoff, the wait at decode). Pure: no Ray."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from workers.stats import WindowedSums
+
+# Always these keys, numbers only (Serve disables a replica's stats at the first other value).
+WORKLOAD_STATS = ("arrivals", "prompt_tokens", "prompt_tokens_p90", "output_tokens", "completed",
+                  "ttft_met", "tpot_met", "transfer_s", "decode_queue_s", "window_s")
+
+
+class WorkloadWindow:
+    def __init__(self, slo_ttft_s: float, slo_tpot_s: float, window_s: float = 10.0, clock: Any = time.monotonic):
+        self.slo_ttft_s = slo_ttft_s
+        self.slo_tpot_s = slo_tpot_s
+        self.window_s = window_s
+        self._clock = clock
+        self._sums = WindowedSums(window_s, clock)
+        self._prompts: list[tuple[float, int]] = []  # (at, prompt tokens) for the p90
+        self._lock = threading.Lock()
+
+    def arrived(self, prompt_tokens: int) -> None:
+        now = self._clock()
+        with self._lock:
+            self._sums.add(arrivals=1.0, prompt_tokens=float(prompt_tokens))
+            self._prompts.append((now, prompt_tokens))
+
+    def finished(self, output_tokens: int, ttft_s: float | None, tpot_s: float | None,
+                 parts: dict[str, float] | None = None) -> None:
+        """A request that answered: its TTFT (None: it failed before the first token) and
+        mean TPOT (None with a single token: nothing to miss)."""
+        parts = parts or {}
+        met_ttft = ttft_s is not None and ttft_s <= self.slo_ttft_s
+        met_tpot = ttft_s is not None and (tpot_s is None or tpot_s <= self.slo_tpot_s)
+        values = {"completed": 1.0, "output_tokens": float(output_tokens),
+                  "ttft_met": float(met_ttft), "tpot_met": float(met_tpot)}
+        if "kv_transfer" in parts:
+            values.update(transfers=1.0, transfer_s=parts["kv_transfer"])
+        if "decode_queue" in parts:
+            values.update(decode_waits=1.0, decode_queue_s=parts["decode_queue"])
+        with self._lock:
+            self._sums.add(**values)
+
+    def stats(self) -> dict[str, float]:
+        now = self._clock()
+        with self._lock:
+            sums = self._sums.sums()
+            self._prompts = [(at, n) for at, n in self._prompts if at > now - self.window_s]
+            prompts = [n for _, n in self._prompts]
+        transfers, waits = sums.get("transfers", 0.0), sums.get("decode_waits", 0.0)
+        return {
+            "arrivals": sums.get("arrivals", 0.0),
+            "prompt_tokens": sums.get("prompt_tokens", 0.0),
+            "prompt_tokens_p90": float(np.percentile(prompts, 90)) if prompts else 0.0,
+            "output_tokens": sums.get("output_tokens", 0.0),
+            "completed": sums.get("completed", 0.0),
+            "ttft_met": sums.get("ttft_met", 0.0),
+            "tpot_met": sums.get("tpot_met", 0.0),
+            "transfer_s": sums.get("transfer_s", 0.0) / transfers if transfers else 0.0,
+            "decode_queue_s": sums.get("decode_queue_s", 0.0) / waits if waits else 0.0,
+            "window_s": self.window_s,
+        }
