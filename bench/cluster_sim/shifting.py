@@ -7,7 +7,7 @@ linearly from ``rate`` to ``rate_end`` (non-homogeneous Poisson arrivals):
   answers of a few hundred tokens: light prefill, heavy decode;
 * ``document``: a unique long document to summarise; short answers: heavy prefill;
 * ``mooncake``: the (input, output) lengths of requests of Moonshot AI's Mooncake
-  conversation trace (profiles/mooncake_lengths.json), unique prompts.
+  conversation trace (traces/mooncake_lengths.json), unique prompts.
 
 Blocks are synthetic ids (shared prompts share theirs), not hashed tokens: the elastic
 simulator needs the prefix cache's hits, not token text, and runs tens of thousands of
@@ -25,7 +25,7 @@ import numpy as np
 from bench.cluster_sim.workloads import RequestSpec, Workload, zipf_weights
 from routing.policies import RouteRequest
 
-MOONCAKE = Path(__file__).resolve().parent / "profiles" / "mooncake_lengths.json"
+MOONCAKE = Path(__file__).resolve().parent / "traces" / "mooncake_lengths.json"
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,17 @@ def families(record: dict[str, Any], now: float | None = None) -> Iterator[Metri
                 ["slo"], [(["ttft"], observed.get("ttft_attainment")), (["tpot"], observed.get("tpot_attainment"))])
     yield gauge("tandem:planner_decision_age_seconds", "Seconds since the planner's last decision.", [],
                 [([], (now or time.time()) - record["at"])])
+
+
+def exported_families() -> list[Metric]:
+    """Every family the collector exports (from a sample decision): for checks of the
+    dashboards against the names."""
+    from control_plane.planner.policy import Observation, Planner
+    from control_plane.planner.serve_policy import plan_record
+    from control_plane.settings import PlannerSettings
+
+    obs = Observation(now=0.0, window_s=10.0, prefill_replicas=1, decode_replicas=1, completed=1, ttft_met=1,
+                      tpot_met=1)
+    record = plan_record(Planner(PlannerSettings()).decide(obs), obs)
+    counter = CounterMetricFamily("tandem:planner_decisions", "", labels=["phase", "reason"])
+    return [counter, *families(record, now=0.0)]

@@ -19,6 +19,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.utils import floatToGoString
 
 import routing.metrics as ingress_metrics
+from control_plane.planner import metrics as planner_metrics
 from workers.metrics import WorkerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "tandem" / "dashboards" / "tandem.json"
@@ -50,6 +51,7 @@ def _families() -> list[tuple[str, str]]:
             families.extend((family.name, family.type) for family in value.describe())
     worker = WorkerMetrics("prefill", "test-replica")
     families.extend((family.name, family.type) for family in worker.registry.collect())
+    families.extend((family.name, family.type) for family in planner_metrics.exported_families())
     return families
 
 
@@ -182,6 +184,8 @@ def test_dashboard_covers_the_issue_views(dashboard: dict[str, Any]):
         'reason="affinity"',  # router hit rate
         "tandem:router_in_flight_requests",  # per-replica load
         "tandem:engine_kv_cache_usage",
+        "tandem:planner_target_replicas",  # the P:D planner's view
+        "tandem:planner_decisions_total",
     ):
         assert needed in exprs, needed
 
