@@ -72,6 +72,11 @@ def _tandem_options(parser: Any) -> None:
     group.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation.")
     group.add_argument("--context-tokens", type=int, default=1500, help="long-context: document length (tokens).")
     group.add_argument("--max-context-tokens", type=int, default=1500, help="multi-turn: restart beyond this context.")
+    group.add_argument("--switch-after", type=float, default=120.0,
+                       help="chat-to-documents: seconds of chat before the documents start.")
+    group.add_argument("--chat-max-tokens", type=int, default=128, help="chat-to-documents: output tokens of a chat turn.")
+    group.add_argument("--documents-max-tokens", type=int, default=8,
+                       help="chat-to-documents: output tokens of a document's answer.")
     group.add_argument("--shape-spawn-rate", type=float, default=None,
                        help="Users started per second towards each shape target (default: the shape's own).")
     group.add_argument("--tandem-out", default=None,
@@ -97,15 +102,19 @@ class OpenAIStreamingUser(HttpUser):
             turns=options.turns,
             context_tokens=options.context_tokens,
             max_context_tokens=options.max_context_tokens,
+            switch_after_s=options.switch_after,
+            chat_max_tokens=options.chat_max_tokens,
+            documents_max_tokens=options.documents_max_tokens,
         )
         self.headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
 
     def _body(self, request_body: dict[str, Any]) -> dict[str, Any]:
         options = self.environment.parsed_options
+        request_body = dict(request_body)
         body = {
             "model": options.model,
             **request_body,
-            "max_tokens": options.max_tokens,
+            "max_tokens": request_body.pop("max_tokens", options.max_tokens),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

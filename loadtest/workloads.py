@@ -11,18 +11,22 @@ lengths are controlled without a tokenizer.
 - multi-turn: conversations that grow turn by turn (system prompt, the previous turns, a new
   question) and carry a conversation id (the OpenAI `user` field) for decode affinity.
 - long-context: a fresh long document per request plus a question: prefill-heavy, no reuse.
+- chat-to-documents: shared-prefix chat with long answers until ``switch_after_s`` into the
+  run, then long documents with short answers: the mix a P:D planner must follow (the
+  right prefill:decode ratio flips).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Api = Literal["chat", "completions"]
-WORKLOADS = ("shared-prefix", "multi-turn", "long-context")
+WORKLOADS = ("shared-prefix", "multi-turn", "long-context", "chat-to-documents")
 
 # Common short English words: each is one token for the usual BPE vocabularies, so a
 # prompt of N words is close to N tokens (plus the chat template's few).
@@ -78,6 +82,8 @@ class PromptRequest:
     conversation_id: str | None = None
     # Which shared prefix (shared-prefix) or turn (multi-turn) this is, for the records.
     tag: str = ""
+    # Output tokens for this request (None: the run's --max-tokens).
+    max_tokens: int | None = None
 
     def prompt_text(self) -> str:
         """The conversation as one prompt, for the Completions API."""
@@ -88,6 +94,8 @@ class PromptRequest:
         body: dict = {"messages": self.messages} if api == "chat" else {"prompt": self.prompt_text()}
         if self.conversation_id:
             body["user"] = self.conversation_id
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         return body
 
 
@@ -218,6 +226,36 @@ class LongContextWorkload:
         pass
 
 
+@dataclass
+class ChatToDocumentsWorkload:
+    """Chat (shared prefixes, ``chat_max_tokens`` answers) until ``switch_after_s`` after
+    ``started_at``, then documents (``documents_max_tokens`` answers)."""
+
+    chat: SharedPrefixWorkload
+    documents: LongContextWorkload
+    switch_after_s: float
+    started_at: float
+    chat_max_tokens: int = 128
+    documents_max_tokens: int = 8
+    clock: Any = time.monotonic
+    name: str = "chat-to-documents"
+
+    def next_request(self) -> PromptRequest:
+        if self.clock() - self.started_at < self.switch_after_s:
+            request, budget = self.chat.next_request(), self.chat_max_tokens
+        else:
+            request, budget = self.documents.next_request(), self.documents_max_tokens
+        request.max_tokens = budget
+        return request
+
+    def record_reply(self, request: PromptRequest, reply: str | None) -> None:
+        pass
+
+
+# When this process's first chat-to-documents user started: every user switches together.
+_RUN_STARTED_AT: float | None = None
+
+
 def make_workload(
     name: str,
     *,
@@ -229,6 +267,9 @@ def make_workload(
     turns: int = 4,
     context_tokens: int = 1500,
     max_context_tokens: int = 1500,
+    switch_after_s: float = 120.0,
+    chat_max_tokens: int = 128,
+    documents_max_tokens: int = 8,
 ) -> Workload:
     """One user's workload. ``seed`` should differ per user, so users don't send the same
     sequence; shared system prompts are the same for everyone regardless."""
@@ -240,4 +281,13 @@ def make_workload(
         return MultiTurnWorkload(rng, user_id=user_id, turns=turns, max_context_tokens=max_context_tokens)
     if name == "long-context":
         return LongContextWorkload(rng, context_tokens=context_tokens)
+    if name == "chat-to-documents":
+        global _RUN_STARTED_AT
+        if _RUN_STARTED_AT is None:
+            _RUN_STARTED_AT = time.monotonic()
+        return ChatToDocumentsWorkload(
+            SharedPrefixWorkload(rng, num_prefixes=num_prefixes, zipf_s=zipf_s, system_prompt_tokens=system_prompt_tokens),
+            LongContextWorkload(rng, context_tokens=context_tokens), switch_after_s, _RUN_STARTED_AT,
+            chat_max_tokens, documents_max_tokens,
+        )
     raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")

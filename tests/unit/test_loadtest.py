@@ -426,3 +426,23 @@ def test_printed_summary(tmp_path: Path):
     text = cli._format_summary(summarize(records, SLO()), tmp_path)
     assert "requests 2 (failed 1)" in text and "TTFT p50 500 ms" in text
     assert "50.0% met both" in text and "error x1: HTTP 500" in text and REPORT_HTML in text
+
+
+def test_chat_to_documents_switches_the_mix_at_the_set_time():
+    from loadtest.workloads import (
+        ChatToDocumentsWorkload,
+        LongContextWorkload,
+        SharedPrefixWorkload,
+    )
+
+    now = [100.0]
+    rng = random.Random(0)
+    workload = ChatToDocumentsWorkload(SharedPrefixWorkload(rng), LongContextWorkload(rng, context_tokens=300),
+                                       switch_after_s=60, started_at=100.0, chat_max_tokens=96,
+                                       documents_max_tokens=4, clock=lambda: now[0])
+    chat = workload.next_request()
+    assert chat.workload == "shared-prefix" and chat.body("chat")["max_tokens"] == 96
+    now[0] = 161.0
+    document = workload.next_request()
+    assert document.workload == "long-context" and document.body("chat")["max_tokens"] == 4
+    assert len(document.messages[0]["content"].split()) > 300
