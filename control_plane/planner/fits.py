@@ -20,11 +20,14 @@ class RateForecast:
     alpha: float = 0.5
     beta: float = 0.3
     max_growth: float = 2.0
+    warmup: int = 3  # samples before the trend is extrapolated (the first ones rise from 0)
     level: float | None = None
     trend: float = 0.0
     last_at: float | None = None
+    samples: int = 0
 
     def add(self, rate: float, at: float) -> None:
+        self.samples += 1
         if self.level is None or self.last_at is None:
             self.level, self.last_at = rate, at
             return
@@ -37,15 +40,18 @@ class RateForecast:
     def forecast(self, ahead_s: float) -> float:
         if self.level is None:
             return 0.0
+        if self.samples < self.warmup:
+            return max(0.0, self.level)
         return max(0.0, min(self.level * self.max_growth, self.level + self.trend * ahead_s))
 
     def to_state(self) -> dict[str, Any]:
-        return {"level": self.level, "trend": self.trend, "last_at": self.last_at}
+        return {"level": self.level, "trend": self.trend, "last_at": self.last_at, "samples": self.samples}
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None, **kwargs: float) -> RateForecast:
         state = state or {}
-        return cls(level=state.get("level"), trend=state.get("trend", 0.0), last_at=state.get("last_at"), **kwargs)
+        return cls(level=state.get("level"), trend=state.get("trend", 0.0), last_at=state.get("last_at"),
+                   samples=int(state.get("samples", 0)), **kwargs)
 
 
 # Features of a decode step, scaled to about 1: (1, sequences / 100, context tokens / 1e5).
