@@ -336,7 +336,7 @@ class EngineHost:
         deadline = time.monotonic() + timeout_s
         while True:
             snapshot = self.stats.snapshot()
-            if not snapshot["running"] and not snapshot["waiting"] and snapshot["kv_cache_usage"] < 0.005:
+            if not snapshot["running"] and not snapshot["waiting"] and self.stats.kv_empty():
                 return True
             if time.monotonic() >= deadline:
                 log.warning("shutting down with KV still held for a pull (cache %.1f%% used)",

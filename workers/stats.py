@@ -100,6 +100,7 @@ class EngineStats:
         # The planner's window, and what is needed to fill it.
         self.window = WindowedSums()
         self.kv_capacity_tokens = 0  # the engine's KV cache, in tokens (set at engine start)
+        self.kv_blocks = 0
         self._busy_until = 0.0  # end of the prefill time already counted
 
     # Fed by the worker's engine wrapper ------------------------------------------------
@@ -233,7 +234,17 @@ class EngineStats:
         cache = getattr(vllm_config, "cache_config", None)
         blocks = getattr(cache, "num_gpu_blocks", None) or 0
         if blocks:
+            self.kv_blocks = int(blocks)
             self.kv_capacity_tokens = int(blocks) * int(getattr(cache, "block_size", 16) or 16)
+
+    def kv_empty(self) -> bool:
+        """Whether the engine's KV cache holds no request's blocks (vLLM counts its one
+        reserved null block as used)."""
+        with self._lock:
+            usage = self.kv_cache_usage
+        if self.kv_blocks:
+            return usage * self.kv_blocks <= 1.5
+        return usage < 0.005
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -225,3 +225,13 @@ def test_app_wiring_under_the_planner():
         TandemSettings(mode="colocated", planner={"enabled": True})
     with pytest.raises(ValueError, match="autoscaling"):
         TandemSettings(planner={"enabled": True}, decode={"autoscaling": {"max_replicas": 2}})
+
+
+def test_kv_empty_counts_the_null_block_as_free():
+    stats = EngineStats()
+    stats.kv_cache_usage = 0.0
+    assert stats.kv_empty()
+    stats.kv_blocks, stats.kv_cache_usage = 100, 0.01  # the null block only
+    assert stats.kv_empty()
+    stats.kv_cache_usage = 0.03  # a request's two blocks
+    assert not stats.kv_empty()
