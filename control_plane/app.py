@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
+from urllib.parse import urlsplit
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
@@ -22,10 +23,42 @@ from workers.deployments import WORKER_DEPLOYMENTS
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve app builder: ``args`` are settings fields (nested dicts) plus an optional
-    ``config`` naming a YAML file; env vars ``TANDEM_*`` apply too."""
+    ``config`` naming a YAML file; env vars ``TANDEM_*`` apply too. Without a KV secret in
+    them, the one `tandem up` keeps on this machine (if any) is used."""
     args = dict(args or {})
     config = args.pop("config", None)
-    return build_app_from_settings(load_settings(config, **args))
+    settings = load_settings(config, **args)
+    return build_app_from_settings(with_kv_secret(settings, local_kv_secret()))
+
+
+KV_SECRET_FILE = "kv-secret"
+
+
+def local_kv_secret() -> str | None:
+    """The KV secret `tandem up` keeps in this machine's run directory, if there is one."""
+    from control_plane.paths import run_dir
+
+    path = run_dir() / KV_SECRET_FILE
+    try:
+        secret = path.read_text().strip()
+    except OSError:
+        return None
+    return secret if len(secret) >= 16 else None
+
+
+def config_deploy_args(settings: TandemSettings) -> dict[str, Any]:
+    """The settings as a Serve config's `args` for build_app, without their secrets: Serve
+    keeps a config's args in its checkpoint and shows them (`serve status`, the dashboard).
+    The builder gets the secrets back from the settings YAML (``config``), the nodes'
+    environment, and the KV secret file of `tandem up`."""
+    args = settings.model_dump(mode="json", exclude={"config_file"})
+    args["kv_connector"].pop("auth_secret", None)
+    args["auth"].pop("api_keys", None)
+    if settings.redis_url and urlsplit(settings.redis_url).password is not None:
+        args.pop("redis_url", None)
+    if settings.config_file:
+        args["config"] = settings.config_file
+    return args
 
 
 def router_config(settings: TandemSettings, role: Role) -> RequestRouterConfig:
@@ -68,19 +101,27 @@ def planner_autoscaling(settings: TandemSettings, role: Role) -> dict[str, Any]:
         "initial_replicas": min(high, max(low, settings.worker(role).replicas)),
         "upscale_delay_s": 0.0,
         "downscale_delay_s": 0.0,
-        "look_back_period_s": planner.interval_s,
+        "look_back_period_s": _look_back_s(settings),
     }
+
+
+def _look_back_s(settings: TandemSettings) -> float:
+    """Serve averages what replicas report over this: one planner interval, and more than
+    Serve's metrics push interval (10 s), which it must exceed."""
+    return max(settings.planner.interval_s, 10.0) + 5.0
 
 
 def planner_policy(settings: TandemSettings) -> dict[str, Any]:
     """The application-level autoscaling policy of a Serve config (serveConfigV2, or the
-    config `tandem up` deploys) when the planner is on."""
+    config `tandem up` deploys) when the planner is on. A Redis URL with a password stays
+    out (Serve logs the policy's arguments): the policy then reads TANDEM_REDIS_URL."""
+    url = settings.redis_url
     return {
         "policy_function": "control_plane.planner.serve_policy:PlannerPolicy",
         "policy_kwargs": {
             "planner": settings.planner.model_dump(mode="json"),
             "app_name": settings.app_name,
-            "redis_url": settings.redis_url,
+            "redis_url": url if url and urlsplit(url).password is None else "",
         },
     }
 
@@ -118,6 +159,10 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
         grace = settings.routing.drain_grace_s + 30
         if planned and role == "decode":
             grace = max(grace, settings.routing.request_timeout_s)
+        if role == "prefill":
+            # After its calls return, a prefill replica waits for its published KV to be
+            # pulled (at most the KV TTL): Serve's grace must cover both.
+            grace += settings.kv_connector.ttl_s + 5
         return (
             WORKER_DEPLOYMENTS[role]
             .options(
@@ -140,7 +185,7 @@ def build_app_from_settings(settings: TandemSettings) -> Application:
         # Serve collects a replica's custom metrics only under an autoscaling config: the
         # planner reads the workload from the ingress's.
         **({"autoscaling_config": {"min_replicas": 1, "max_replicas": 1,
-                                   "look_back_period_s": settings.planner.interval_s}} if planned else {}),
+                                   "look_back_period_s": _look_back_s(settings)}} if planned else {}),
         **({"ray_actor_options": {"resources": dict(settings.ingress_ray_resources)}} if settings.ingress_ray_resources else {}),
     )
     if settings.mode == "disaggregated":

@@ -73,10 +73,16 @@ def _connect_ray(address: str) -> None:
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 
 
-def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
+def _wait_healthy(url: str, timeout_s: float, app_name: str | None = None) -> dict[str, Any]:
+    """Until /health says ok; with ``app_name``, fail at once when Serve reports the app's
+    deploy failed (a config deploy builds the app in Serve's controller: nothing raises here)."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
+        if app_name is not None:
+            failure = _deploy_failure(app_name)
+            if failure:
+                raise RuntimeError(f"deploying '{app_name}' failed: {failure}")
         try:
             response = httpx.get(f"{url}/health", timeout=15)
             last = response.json()
@@ -86,6 +92,18 @@ def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
             last = str(exc)
         time.sleep(1)
     raise RuntimeError(f"service did not become healthy in {timeout_s:.0f}s: {last}")
+
+
+def _deploy_failure(app_name: str) -> str | None:
+    from ray import serve
+
+    try:
+        status = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - unknown is not failed
+        return None
+    if status is not None and str(status.status).endswith("DEPLOY_FAILED"):
+        return (status.message or "see Serve's controller log")[-2000:]
+    return None
 
 
 @app.command()
@@ -159,7 +177,9 @@ def up(
     started = time.monotonic()
     with console.status(f"deploying {settings.mode} app '{settings.app_name}'..."):
         _deploy(settings)
-        health = _wait_healthy(settings.url, timeout)
+        from control_plane.app import planner_on
+
+        health = _wait_healthy(settings.url, timeout, settings.app_name if planner_on(settings) else None)
     console.print(f"[green]ready[/] in {time.monotonic() - started:.0f}s: {health['pools']}")
     console.print(f"\nOpenAI endpoint: [bold]{settings.url}/v1[/]\n")
     example = json.dumps(
@@ -185,7 +205,12 @@ def _deploy(settings: TandemSettings) -> None:
     KubeRay's serveConfigV2 does)."""
     from ray import serve
 
-    from control_plane.app import build_app_from_settings, planner_on, planner_policy
+    from control_plane.app import (
+        build_app_from_settings,
+        config_deploy_args,
+        planner_on,
+        planner_policy,
+    )
 
     if not planner_on(settings):
         serve.run(build_app_from_settings(settings), name=settings.app_name,
@@ -198,7 +223,7 @@ def _deploy(settings: TandemSettings) -> None:
     client = _get_global_client()
     app = ServeApplicationSchema(
         name=settings.app_name, route_prefix=settings.route_prefix, import_path="control_plane.app:build_app",
-        args=settings.model_dump(mode="json", exclude={"config_file"}), autoscaling_policy=planner_policy(settings),
+        args=config_deploy_args(settings), autoscaling_policy=planner_policy(settings),
     )
     # A config deploy replaces every app deployed from config: keep the others as they are.
     others = [
@@ -222,12 +247,11 @@ def _block_until_signalled() -> None:
         pass
 
 
-KV_SECRET_FILE = "kv-secret"
-
-
 def _cluster_kv_secret() -> str:
     """This machine's KV secret for clusters `tandem up` starts: made once, kept (0600) in
     the run directory, so a redeploy does not change it under running workers."""
+    from control_plane.app import KV_SECRET_FILE
+
     path = run_dir() / KV_SECRET_FILE
     if path.exists():
         secret = path.read_text().strip()

@@ -657,9 +657,11 @@ class Ingress:
             metrics.GENERATION_TOKENS.labels(endpoint).inc(generated)
             # Unstreamed: the first token came when the timed parts ended (all of E2E if
             # they were not measured); the rest of E2E was the other tokens.
-            ttft = min(e2e, sum(timing.parts.values())) if timing.parts else e2e
+            # (The decode call's "decode_queue" part holds the whole generation here.)
+            parts = {k: v for k, v in timing.parts.items() if k != "decode_queue"}
+            ttft = min(e2e, sum(parts.values())) if parts else e2e
             tpot = (e2e - ttft) / (generated - 1) if generated > 1 else None
-            self.workload.finished(generated, ttft, tpot, timing.parts)
+            self.workload.finished(generated, ttft, tpot, parts)
             return JSONResponse(first.body, headers=headers), int(usage.get("total_tokens") or 0), False
         metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
         stream = StreamingResponse(

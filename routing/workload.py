@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,9 @@ class WorkloadWindow:
         self.window_s = window_s
         self._clock = clock
         self._sums = WindowedSums(window_s, clock)
-        self._prompts: list[tuple[float, int]] = []  # (at, prompt tokens) for the p90
+        # (at, prompt tokens) for the p90, trimmed as requests arrive (bounded: stats() may
+        # never be called, when no planner reads them).
+        self._prompts: deque[tuple[float, int]] = deque(maxlen=20_000)
         self._lock = threading.Lock()
 
     def arrived(self, prompt_tokens: int) -> None:
@@ -33,14 +36,15 @@ class WorkloadWindow:
         with self._lock:
             self._sums.add(arrivals=1.0, prompt_tokens=float(prompt_tokens))
             self._prompts.append((now, prompt_tokens))
+            self._trim(now)
 
     def finished(self, output_tokens: int, ttft_s: float | None, tpot_s: float | None,
                  parts: dict[str, float] | None = None) -> None:
-        """A request that answered: its TTFT (None: it failed before the first token) and
-        mean TPOT (None with a single token: nothing to miss)."""
+        """A request that answered: its TTFT (None: it failed, or was shed, before its first
+        token: a TTFT miss, and no TPOT to miss) and mean TPOT (None with a single token)."""
         parts = parts or {}
         met_ttft = ttft_s is not None and ttft_s <= self.slo_ttft_s
-        met_tpot = ttft_s is not None and (tpot_s is None or tpot_s <= self.slo_tpot_s)
+        met_tpot = tpot_s is None or tpot_s <= self.slo_tpot_s
         values = {"completed": 1.0, "output_tokens": float(output_tokens),
                   "ttft_met": float(met_ttft), "tpot_met": float(met_tpot)}
         if "kv_transfer" in parts:
@@ -50,11 +54,15 @@ class WorkloadWindow:
         with self._lock:
             self._sums.add(**values)
 
+    def _trim(self, now: float) -> None:
+        while self._prompts and self._prompts[0][0] <= now - self.window_s:
+            self._prompts.popleft()
+
     def stats(self) -> dict[str, float]:
         now = self._clock()
         with self._lock:
             sums = self._sums.sums()
-            self._prompts = [(at, n) for at, n in self._prompts if at > now - self.window_s]
+            self._trim(now)
             prompts = [n for _, n in self._prompts]
         transfers, waits = sums.get("transfers", 0.0), sums.get("decode_waits", 0.0)
         return {

@@ -335,6 +335,8 @@ class EngineHost:
         pulled or expired), or ``timeout_s``. True if it emptied."""
         deadline = time.monotonic() + timeout_s
         while True:
+            if self.engine is None or getattr(self.engine, "errored", False):
+                return False  # a dead engine holds nothing anyone can pull
             snapshot = self.stats.snapshot()
             if not snapshot["running"] and not snapshot["waiting"] and self.stats.kv_empty():
                 return True

@@ -9,6 +9,7 @@ KV held, inter-token latency).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +33,8 @@ class _CacheCounter:
         return self.hits / self.queries if self.queries else 0.0
 
 
+log = logging.getLogger(__name__)
+
 _PULLS_REMEMBERED = 1024
 
 
@@ -42,22 +45,26 @@ class WindowedSums:
         self.window_s = window_s
         self._clock = clock
         self._buckets: OrderedDict[int, dict[str, float]] = OrderedDict()
+        # Added to from vLLM's output handler, read from Serve's metrics thread.
+        self._lock = threading.Lock()
 
     def add(self, **values: float) -> None:
         now = int(self._clock())
-        bucket = self._buckets.get(now)
-        if bucket is None:
-            bucket = self._buckets[now] = {}
-            self._trim(now)
-        for name, value in values.items():
-            bucket[name] = bucket.get(name, 0.0) + value
+        with self._lock:
+            bucket = self._buckets.get(now)
+            if bucket is None:
+                bucket = self._buckets[now] = {}
+                self._trim(now)
+            for name, value in values.items():
+                bucket[name] = bucket.get(name, 0.0) + value
 
     def sums(self) -> dict[str, float]:
-        self._trim(int(self._clock()))
-        out: dict[str, float] = {}
-        for bucket in self._buckets.values():
-            for name, value in bucket.items():
-                out[name] = out.get(name, 0.0) + value
+        with self._lock:
+            self._trim(int(self._clock()))
+            out: dict[str, float] = {}
+            for bucket in self._buckets.values():
+                for name, value in bucket.items():
+                    out[name] = out.get(name, 0.0) + value
         return out
 
     def _trim(self, now: int) -> None:
@@ -126,6 +133,14 @@ class EngineStats:
     # Fed by vLLM's stat logger hook ----------------------------------------------------
 
     def record_iteration(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """Never raises: vLLM's output handler treats an exception from a stat logger as
+        the engine's death."""
+        try:
+            self._record_iteration(scheduler_stats, iteration_stats)
+        except Exception:  # noqa: BLE001
+            log.exception("planner stats of an engine step failed")
+
+    def _record_iteration(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         """One engine step's output: the prompt tokens it finished prefilling and the time
         the engine spent prefilling (the union of the finished requests' prefill intervals,
         each ending now), inter-token latencies, the batch and its KV."""

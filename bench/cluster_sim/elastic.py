@@ -433,12 +433,21 @@ class ElasticSim(ClusterSim):
             decode_waiting=float(sum(len(self.decode[n].pending) for n in decode_alive)),
             decode_kv_usage=float(np.mean([self.decode[n].context_tokens / self.cost.decode_kv_tokens
                                            for n in decode_alive])) if decode_alive else None,
+            # What an engine's stats tell of its capacity: KV held over KV use, where it is
+            # full enough to tell.
+            decode_kv_capacity_tokens=self._kv_capacity(decode_alive),
             decode_queue_s=float(np.mean(w.decode_queue)) if w.decode_queue else None,
             transfer_s=float(np.mean(w.transfers)) if w.transfers else None,
             completed=len(w.completed),
             ttft_met=met_ttft,
             tpot_met=met_tpot,
         )
+
+    def _kv_capacity(self, names: list[str]) -> float | None:
+        held = [(self.decode[n].context_tokens, self.decode[n].context_tokens / self.cost.decode_kv_tokens)
+                for n in names]
+        capacities = [c / u for c, u in held if u > 0.2]
+        return float(np.mean(capacities)) if capacities else None
 
     def latencies(self, request: SimRequest) -> tuple[float, float]:
         ttft = request.first_token - request.arrival
@@ -551,7 +560,7 @@ class ElasticSim(ClusterSim):
         hours = {"prefill": 0.0, "decode": 0.0}
         for name, life in self.lives.items():
             role = "prefill" if name in self.prefill else "decode"
-            hours[role] += ((life.stopped or self.now) - life.started) / 3600
+            hours[role] += ((self.now if life.stopped is None else life.stopped) - life.started) / 3600
         total_h = hours["prefill"] + hours["decode"]
         n = len(measured)
         return ElasticResult(

@@ -72,6 +72,7 @@ class Observation:
     decode_running: float = 0.0  # streams the decode pool is decoding
     decode_waiting: float = 0.0  # streams whose KV arrived, waiting for a batch slot or KV
     decode_kv_usage: float | None = None  # the decode pool's mean KV-cache use, 0..1
+    decode_kv_capacity_tokens: float | None = None  # one decode engine's KV capacity, if known
     decode_queue_s: float | None = None  # mean wait at decode before a request's first step
     transfer_s: float | None = None  # mean KV handoff
     # Completed requests in the window and how many met each SLO.
@@ -245,9 +246,11 @@ class Planner:
         self.prefill_tps.add(obs.prefill_tokens_per_s)
         self.transfer.add(obs.transfer_s)
         samples = obs.decode_samples
+        if obs.decode_kv_capacity_tokens:
+            self.kv_tokens.add(obs.decode_kv_capacity_tokens)
         if samples:
             self.step.add(sum(s.step_s for s in samples) / len(samples))
-            if obs.decode_kv_usage and obs.decode_kv_usage > 0.2:
+            if not obs.decode_kv_capacity_tokens and obs.decode_kv_usage and obs.decode_kv_usage > 0.2:
                 held = sum(s.context_tokens for s in samples) / len(samples)
                 self.kv_tokens.add(held / min(1.0, obs.decode_kv_usage))
         for sample in obs.decode_samples:
@@ -361,15 +364,16 @@ class Planner:
         lo = {"prefill": cfg.min_prefill, "decode": cfg.min_decode}
         hi = {"prefill": cfg.max_prefill, "decode": cfg.max_decode}
         out = {p: min(hi[p], max(lo[p], wanted[p])) for p in PHASES}
-        excess = sum(out.values()) - cfg.max_total
-        if excess > 0:
-            # Share the budget in proportion to need, never below a phase's minimum.
+        if sum(out.values()) > cfg.max_total:
+            # Share the budget in proportion to need, never below a phase's minimum (the
+            # settings guarantee the minimums fit).
             total = sum(out.values())
             share = {p: max(lo[p], math.floor(out[p] * cfg.max_total / total)) for p in PHASES}
+            while sum(share.values()) > cfg.max_total:  # minimums lifted a share: take back
+                p = max((p for p in PHASES if share[p] > lo[p]), key=lambda p: share[p])
+                share[p] -= 1
             spare = cfg.max_total - sum(share.values())
             for p in sorted(PHASES, key=lambda p: out[p] - share[p], reverse=True):
-                if spare <= 0:
-                    break
                 add = min(spare, out[p] - share[p])
                 share[p] += add
                 spare -= add

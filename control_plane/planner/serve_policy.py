@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -67,6 +68,9 @@ def observation(contexts: dict[str, Any], now: float, window_s: float) -> Observ
                               metric(decode, "step_s"), metric(decode, "steps"), strict=False)
         if n > 0 and s > 0
     )
+    # One engine's KV capacity, from the replicas whose cache is full enough to tell.
+    capacities = [c / u for c, u in zip(metric(decode, "context_tokens"), metric(decode, "kv_usage"), strict=False)
+                  if u > 0.2 and c > 0]
     completed = round(total(ingress, "completed"))
     return Observation(
         now=now,
@@ -86,6 +90,7 @@ def observation(contexts: dict[str, Any], now: float, window_s: float) -> Observ
         decode_running=total(decode, "running"),
         decode_waiting=total(decode, "waiting"),
         decode_kv_usage=mean(decode, "kv_usage"),
+        decode_kv_capacity_tokens=sum(capacities) / len(capacities) if capacities else None,
         transfer_s=mean(ingress, "transfer_s", "completed") or None,
         decode_queue_s=mean(ingress, "decode_queue_s", "completed") or None,
         completed=completed,
@@ -125,6 +130,7 @@ class PlannerPolicy:
         self._next_at = 0.0
         self._targets: dict[str, int] = {}
         self._redis: Any = None
+        self._publisher: threading.Thread | None = None
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
         by_name = {ctx.deployment_name: (dep_id, ctx) for dep_id, ctx in contexts.items()}
@@ -148,8 +154,15 @@ class PlannerPolicy:
         return decisions, {}
 
     def _publish(self, record: dict[str, Any]) -> None:
-        if not self.redis_url:
+        """On a thread: Serve's control loop must not wait for Redis (or for a timeout
+        when Redis is gone). A publication still running skips this one."""
+        if not self.redis_url or (self._publisher is not None and self._publisher.is_alive()):
             return
+        self._publisher = threading.Thread(target=self._write, args=(record,), daemon=True,
+                                           name="tandem-planner-publish")
+        self._publisher.start()
+
+    def _write(self, record: dict[str, Any]) -> None:
         try:
             if self._redis is None:
                 import redis

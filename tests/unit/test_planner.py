@@ -204,3 +204,9 @@ def test_settings_refuse_inconsistent_bounds():
         PlannerSettings(min_prefill=5, max_prefill=4)
     with pytest.raises(ValueError):
         PlannerSettings(min_prefill=6, min_decode=6, max_total=10)
+
+
+def test_minimums_never_push_the_total_over_budget():
+    planner = Planner(settings(max_total=5, min_decode=3, max_prefill=12, max_decode=12))
+    assert planner._bounded({"prefill": 8, "decode": 3}) == {"prefill": 2, "decode": 3}
+    assert sum(planner._bounded({"prefill": 12, "decode": 12}).values()) == 5

@@ -199,12 +199,12 @@ def test_workload_window():
     window.finished(50, ttft_s=0.5, tpot_s=0.05, parts={"kv_transfer": 0.02, "decode_queue": 0.1})
     window.finished(50, ttft_s=1.5, tpot_s=0.05)
     window.finished(50, ttft_s=0.5, tpot_s=0.5)
-    window.finished(0, ttft_s=None, tpot_s=None)  # failed: misses both
+    window.finished(0, ttft_s=None, tpot_s=None)  # failed before a token: a TTFT miss only
     out = window.stats()
     assert set(out) == set(WORKLOAD_STATS)
     assert out["arrivals"] == 10 and out["prompt_tokens"] == 5500
     assert out["prompt_tokens_p90"] == pytest.approx(910)
-    assert (out["completed"], out["ttft_met"], out["tpot_met"]) == (4, 2, 2)
+    assert (out["completed"], out["ttft_met"], out["tpot_met"]) == (4, 2, 3)
     assert out["transfer_s"] == pytest.approx(0.02)
     clock.t += 11
     assert window.stats()["arrivals"] == 0 and window.stats()["prompt_tokens_p90"] == 0
@@ -216,7 +216,7 @@ def test_app_wiring_under_the_planner():
     assert app_module.planner_on(settings)
     config = app_module.planner_autoscaling(settings, "decode")
     assert config == {"min_replicas": 2, "max_replicas": 4, "initial_replicas": 2, "upscale_delay_s": 0.0,
-                      "downscale_delay_s": 0.0, "look_back_period_s": settings.planner.interval_s}
+                      "downscale_delay_s": 0.0, "look_back_period_s": 15.0}
     policy = app_module.planner_policy(settings)
     assert policy["policy_function"] == "control_plane.planner.serve_policy:PlannerPolicy"
     built = serve_policy.PlannerPolicy(**policy["policy_kwargs"])
@@ -235,3 +235,24 @@ def test_kv_empty_counts_the_null_block_as_free():
     assert stats.kv_empty()
     stats.kv_cache_usage = 0.03  # a request's two blocks
     assert not stats.kv_empty()
+
+
+def test_a_config_deploy_carries_no_secret(tmp_path, monkeypatch):
+    """Serve shows a config's args: the KV secret, API keys and a Redis password stay out;
+    the builder gets them back from the YAML and the KV secret file of `tandem up`."""
+    from control_plane.settings import load_settings
+
+    config = tmp_path / "tandem.yaml"
+    config.write_text("auth: {api_keys: [sk-test-0123456789abcdef]}\nredis_url: redis://:pw@127.0.0.1:6390/0\n"
+                      "planner: {enabled: true}\n")
+    settings = app_module.with_kv_secret(load_settings(config), "k" * 32)
+    args = app_module.config_deploy_args(settings)
+    text = repr(args)
+    assert "k" * 32 not in text and "sk-test" not in text and ":pw@" not in text
+    assert args["config"] == str(config)
+    assert app_module.planner_policy(settings)["policy_kwargs"]["redis_url"] == ""
+    rebuilt = load_settings(args.pop("config"), **args)
+    assert rebuilt.auth.api_keys == settings.auth.api_keys and rebuilt.redis_url == settings.redis_url
+    monkeypatch.setattr("control_plane.paths.run_dir", lambda: tmp_path)
+    (tmp_path / app_module.KV_SECRET_FILE).write_text("s" * 32)
+    assert app_module.local_kv_secret() == "s" * 32
