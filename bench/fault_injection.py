@@ -9,8 +9,9 @@ Callers hold a Ray driver connection (``ray.init(address="auto")``).
 
 from __future__ import annotations
 
-import subprocess
 import time
+
+import psutil
 
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"
 
@@ -65,20 +66,34 @@ def wait_replaced(app_name: str, deployment: str, killed: str, count: int = 1, t
         timeout_s=max(1.0, deadline - time.monotonic()))
 
 
+def _is_engine_core(process: psutil.Process) -> bool:
+    """vLLM names its engine-core processes VLLM::EngineCore: in the command line, and the
+    kernel's 15-character process name ("VLLM::EngineCor"), which is checked too in case
+    one of them is not (yet) what the other says."""
+    try:
+        return process.name().startswith("VLLM::EngineCor") or "VLLM::EngineCore" in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def engine_core_pids(owner: str | None = None, parents: set[int] | None = None) -> set[int]:
-    """vLLM engine-core processes on this machine (they name themselves VLLM::EngineCore);
-    with ``owner``, only those whose parent's command line contains it (e.g.
-    "ServeReplica:tandem:DecodeWorker"); with ``parents``, only children of those pids."""
-    # -ww: never cut a command line to the terminal's (or $COLUMNS') width.
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
-    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
-    args = {int(row[0]): row[2] if len(row) > 2 else "" for row in rows}
-    return {
-        int(pid) for pid, ppid, *rest in rows
-        if rest and "VLLM::EngineCore" in rest[0]
-        and (owner is None or owner in args.get(int(ppid), ""))
-        and (parents is None or int(ppid) in parents)
-    }
+    """vLLM engine-core processes on this machine; with ``owner``, only those whose
+    parent's command line contains it (e.g. "ServeReplica:tandem:DecodeWorker"); with
+    ``parents``, only children of those pids."""
+    found = set()
+    for process in psutil.process_iter():
+        if not _is_engine_core(process):
+            continue
+        try:
+            parent = process.ppid()
+            if parents is not None and parent not in parents:
+                continue
+            if owner is not None and owner not in " ".join(psutil.Process(parent).cmdline()):
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        found.add(process.pid)
+    return found
 
 
 def replica_pids(app_name: str, deployment: str, timeout_s: float = 180) -> set[int]:

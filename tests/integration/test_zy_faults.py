@@ -91,7 +91,8 @@ def test_decode_killed_mid_stream_ends_the_stream_cleanly(cluster):
     while engines_before & faults.engine_core_pids() and time.monotonic() < deadline:
         time.sleep(1)
     assert not engines_before & faults.engine_core_pids(), "the killed replica's engine core outlived it"
-    assert faults.engine_core_pids() - every_engine_before, "the replacement replica started no engine"
+    replacement = faults.replica_engine_pids(APP, "DecodeWorker")
+    assert replacement and not replacement & every_engine_before, "the replacement replica started no engine"
     print(f"decode kill: stream ended {ended_after:.1f}s after the kill, served again after {recovered:.1f}s")
 
 
