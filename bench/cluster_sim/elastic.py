@@ -23,6 +23,7 @@ factors + constant load predictor, scale-down without drain), and Tandem's plann
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from bench.cluster_sim.simulator import (
 from bench.cluster_sim.workloads import Workload
 from control_plane.planner.policy import DecodeSample, Observation, Planner
 from control_plane.settings import PlannerSettings
+from routing.dualmap import InstanceLoad
 
 TICK, READY = 10, 11
 
@@ -137,13 +139,13 @@ class ElasticSim(ClusterSim):
         self.lives[name] = Life(self.now, ready)
         if role == "prefill":
             self.prefill[name] = PrefillInstance(name, self.cost.cache_blocks)
-            self.loads[name] = _load()
-            self.sent_loads[name] = _load()
+            self.loads[name] = InstanceLoad()
+            self.sent_loads[name] = InstanceLoad()
             self.waiting[name] = []
             self.admitted[name] = 0
         else:
             self.decode[name] = DecodeInstance(name)
-            self.decode_loads[name] = _load()
+            self.decode_loads[name] = InstanceLoad()
         if ready_now:
             self._ready(name)
         else:
@@ -503,7 +505,7 @@ class ElasticSim(ClusterSim):
                 self._window.arrived.append(request)
                 self._route(request)
             else:
-                at, _, kind, payload = _pop(events)
+                at, _, kind, payload = heapq.heappop(events)
                 self.now = at
                 if kind == PREFILL_DONE:
                     self._prefill_done(payload)
@@ -599,18 +601,6 @@ class _Window:
     transfers: list[float] = field(default_factory=list)
     decode_queue: list[float] = field(default_factory=list)  # KV arrived -> first step began
     decode: dict[str, list[float]] = field(default_factory=dict)  # name -> [Σbatch, Σcontext, Σstep, steps]
-
-
-def _load():
-    from routing.dualmap import InstanceLoad
-
-    return InstanceLoad()
-
-
-def _pop(events):
-    import heapq
-
-    return heapq.heappop(events)
 
 
 # -- scalers ---------------------------------------------------------------------------------
