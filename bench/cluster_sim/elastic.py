@@ -343,30 +343,13 @@ class ElasticSim(ClusterSim):
         if self.lives[instance.name].stopped is not None:
             instance.busy = False
             return
-        cost = self.cost
-        running = self._running.setdefault(instance.name, set())
-        joined, still = [], []
-        for request in instance.pending:
-            fits = instance.context_tokens + request.route.prompt_tokens <= cost.decode_kv_tokens
-            if instance.batch < cost.max_num_seqs and (fits or instance.batch == 0):
-                instance.batch += 1
-                instance.context_tokens += request.route.prompt_tokens
-                outputs = max(1, request.route.output_tokens)
-                request.join_iteration = instance.iteration
-                finish = instance.iteration + outputs - 1
-                instance.finishing.setdefault(finish, []).append(request)  # type: ignore[arg-type]
-                joined.append(request)
-                running.add(request)
-            else:
-                still.append(request)
-        instance.pending = still
-        instance.joined = joined
+        self._running.setdefault(instance.name, set()).update(self._join_batch(instance))
         if instance.batch == 0:
             instance.busy = False
             self._maybe_stopped("decode", instance.name)
             return
         instance.busy = True
-        step = cost.decode_iteration_s(instance.batch, instance.context_tokens)
+        step = self.cost.decode_iteration_s(instance.batch, instance.context_tokens)
         self._step_started = self.now
         window = self._window.decode.setdefault(instance.name, [0.0, 0.0, 0.0, 0])
         window[0] += instance.batch
@@ -376,27 +359,20 @@ class ElasticSim(ClusterSim):
         self._push(self.now + step, DECODE_DONE, instance)
 
     def _decode_done(self, instance: DecodeInstance) -> None:
-        if self.lives[instance.name].stopped is not None:
-            return
-        for request in instance.joined:
-            if request.index not in self.lost:
-                request.first_token = self.now
-                self._window.decode_queue.append(self._step_started - self._placed_at.pop(request.index, self._step_started))
-        instance.joined = []
-        instance.context_tokens += instance.batch
-        instance.remaining_tokens -= instance.batch
-        running = self._running[instance.name]
-        for request in instance.finishing.pop(instance.iteration, ()):  # type: ignore[union-attr]
-            instance.batch -= 1
-            instance.context_tokens -= request.route.prompt_tokens + max(1, request.route.output_tokens)
-            running.discard(request)
-            if request.index not in self.lost:
-                self.finished[request.index] = self.now
-                self._done += 1
-                self._window.completed.append(request)
-        instance.iteration += 1
-        self._update_decode_load(instance)
-        self._start_decode(instance)
+        if self.lives[instance.name].stopped is None:
+            super()._decode_done(instance)
+
+    def _first_token(self, request: SimRequest) -> None:
+        if request.index not in self.lost:
+            request.first_token = self.now
+            self._window.decode_queue.append(self._step_started - self._placed_at.pop(request.index, self._step_started))
+
+    def _left_batch(self, instance: DecodeInstance, request: SimRequest) -> None:
+        self._running[instance.name].discard(request)
+        if request.index not in self.lost:
+            self.finished[request.index] = self.now
+            self._done += 1
+            self._window.completed.append(request)
 
     # -- run ------------------------------------------------------------------------------
 

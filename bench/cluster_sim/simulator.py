@@ -112,7 +112,7 @@ class DecodeInstance:
         self.context_tokens = 0  # Σ context of running sequences
         self.iteration = 0
         # iteration index -> final contexts of the sequences that finish with it
-        self.finishing: dict[int, list[int]] = {}
+        self.finishing: dict[int, list[SimRequest]] = {}  # by the iteration of their last token
         self.joined: list[SimRequest] = []  # sequences whose first iteration is running
         self.busy = False
         self.remaining_tokens = 0  # tokens still to generate, running and pending
@@ -373,7 +373,8 @@ class ClusterSim:
         load.decode_tokens = instance.remaining_tokens
         load.running = instance.batch + len(instance.pending)
 
-    def _start_decode(self, instance: DecodeInstance) -> None:
+    def _join_batch(self, instance: DecodeInstance) -> list[SimRequest]:
+        """Moves pending requests into the batch while slots and KV allow; returns them."""
         cost = self.cost
         joined = []
         still_pending = []
@@ -383,36 +384,48 @@ class ClusterSim:
             if instance.batch < cost.max_num_seqs and (fits or instance.batch == 0):
                 instance.batch += 1
                 instance.context_tokens += request.route.prompt_tokens
-                outputs = max(1, request.route.output_tokens)
                 request.join_iteration = instance.iteration
-                # It leaves after its last token's iteration, with prompt + outputs - 1 context.
-                finish = instance.iteration + outputs - 1
-                instance.finishing.setdefault(finish, []).append(request.route.prompt_tokens + outputs)
+                # It leaves after its last token's iteration.
+                finish = instance.iteration + max(1, request.route.output_tokens) - 1
+                instance.finishing.setdefault(finish, []).append(request)
                 joined.append(request)
             else:
                 still_pending.append(request)
         instance.pending = still_pending
         instance.joined = joined
+        return joined
+
+    def _start_decode(self, instance: DecodeInstance) -> None:
+        self._join_batch(instance)
         if instance.batch == 0:
             instance.busy = False
             return
         instance.busy = True
-        self._push(self.now + cost.decode_iteration_s(instance.batch, instance.context_tokens), DECODE_DONE, instance)
+        self._push(self.now + self.cost.decode_iteration_s(instance.batch, instance.context_tokens), DECODE_DONE, instance)
 
     def _decode_done(self, instance: DecodeInstance) -> None:
+        """One decode step ended: the requests that joined it have their first token, every
+        stream one more, and those at their last token leave the batch."""
         for request in instance.joined:
-            request.first_token = self.now
-            self._first_tokens += 1
+            self._first_token(request)
         instance.joined = []
         instance.context_tokens += instance.batch
         instance.remaining_tokens -= instance.batch
-        finishing = instance.finishing.pop(instance.iteration, ())
-        for final_context in finishing:
+        for request in instance.finishing.pop(instance.iteration, ()):
             instance.batch -= 1
-            instance.context_tokens -= final_context
+            # It held its prompt and all its outputs but the last.
+            instance.context_tokens -= request.route.prompt_tokens + max(1, request.route.output_tokens)
+            self._left_batch(instance, request)
         instance.iteration += 1
         self._update_decode_load(instance)
         self._start_decode(instance)
+
+    def _first_token(self, request: SimRequest) -> None:
+        request.first_token = self.now
+        self._first_tokens += 1
+
+    def _left_batch(self, instance: DecodeInstance, request: SimRequest) -> None:
+        """A request finished on ``instance`` (the static cluster needs nothing more)."""
 
     # -- run -----------------------------------------------------------------------------
 
