@@ -32,6 +32,8 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
+from control_plane.planner.fits import Ema
+
 Where = Literal["local", "remote"]
 
 
@@ -54,19 +56,6 @@ class Decision:
     local_s: float | None = None
 
 
-class _Ema:
-    """An exponentially weighted mean that knows how many samples it has seen."""
-
-    def __init__(self, alpha: float):
-        self.alpha = alpha
-        self.value: float | None = None
-        self.samples = 0
-
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
-        self.samples += 1
-
-
 class PrefillDecider:
     def __init__(
         self,
@@ -81,11 +70,11 @@ class PrefillDecider:
         self.interference = interference
         self.min_samples = min_samples
         self._lock = threading.Lock()
-        self.prefill_s_per_token = _Ema(alpha)  # remote prefill compute
-        self.local_s_per_token = _Ema(alpha)  # prefill compute on a decode replica
-        self.transfer_s_per_token = _Ema(alpha)  # KV pull, codec included
-        self.hop_s = _Ema(alpha)  # the second call's routing and RPC (decode_queue of remote plans)
-        self.chars_per_token = _Ema(alpha)  # the prompt text's, from the prefill's real count
+        self.prefill_s_per_token = Ema(alpha)  # remote prefill compute
+        self.local_s_per_token = Ema(alpha)  # prefill compute on a decode replica
+        self.transfer_s_per_token = Ema(alpha)  # KV pull, codec included
+        self.hop_s = Ema(alpha)  # the second call's routing and RPC (decode_queue of remote plans)
+        self.chars_per_token = Ema(alpha)  # the prompt text's, from the prefill's real count
 
     def tokens_for(self, chars: int) -> int:
         """A prompt's tokens from its characters, before tokenization (4 a token until

@@ -132,15 +132,18 @@ class DecodeStepFit:
 
 @dataclass
 class Ema:
-    """An exponentially weighted mean (None until a sample)."""
+    """An exponentially weighted mean (None until a sample) and how many samples it has
+    taken (None and non-finite ones are skipped)."""
 
     alpha: float = 0.3
     value: float | None = None
+    samples: int = 0
 
     def add(self, x: float | None) -> None:
         if x is None or not np.isfinite(x):
             return
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        self.samples += 1
 
     def get(self, default: float) -> float:
         return default if self.value is None else self.value
