@@ -51,7 +51,7 @@ from routing.protocol import (
 )
 from routing.timing import HEADER as TIMING_HEADER
 from routing.timing import Timing
-from routing.workload import WorkloadWindow
+from routing.workload import Arrival, WorkloadWindow
 from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 
 log = logging.getLogger("ray.serve")
@@ -403,7 +403,8 @@ class Ingress:
         )
         self._models_cache: dict[str, Any] | None = None
         planner = self.settings.planner
-        self.workload = WorkloadWindow(planner.slo_ttft_s, planner.slo_tpot_s, window_s=planner.interval_s)
+        self.workload = WorkloadWindow(planner.slo_ttft_s, planner.slo_tpot_s, window_s=planner.interval_s,
+                                       classes=sorted(self.settings.kv_connector.compression.slo_classes))
         metrics.include_workers(self.settings.redis_url, self.settings.app_name,
                                 metrics.link_key(self.settings.kv_connector.auth_secret))
         auth.install(_authenticator(self.settings), metrics_open=not self.settings.auth.metrics_require_key)
@@ -544,11 +545,11 @@ class Ingress:
                 raise OpenAIError(503, "The server is shutting down; retry on another instance.",
                                   code="shutting_down", headers={"Retry-After": str(self.settings.admission.retry_after_s)})
             # Demand the planner sees: shed requests too (they are what capacity lacked).
-            self.workload.arrived(self.decider.tokens_for(_prompt_chars(body)))
+            arrival = self.workload.arrived(self.decider.tokens_for(_prompt_chars(body)), slo_class)
             try:
                 self._admit_load(prompt_tokens)
             except OpenAIError:
-                self.workload.finished(0, None, None)
+                self.workload.finished(arrival, 0, None, None)
                 raise
         except BaseException:
             if key is not None:
@@ -559,7 +560,7 @@ class Ingress:
         tokens = 0
         try:
             response, tokens, handed_to_stream = await self._respond(
-                endpoint, body, prompt_tokens, http, slo_class, lease, timeout_s, kv_profile
+                endpoint, body, prompt_tokens, http, slo_class, lease, timeout_s, kv_profile, arrival
             )
             return response
         finally:
@@ -590,6 +591,7 @@ class Ingress:
         lease: _Lease,
         deadline: float,
         kv_profile: str | None = None,
+        arrival: Arrival | None = None,
     ) -> tuple[Response, int, bool]:
         """(response, tokens it used if known now, whether a stream now owns the lease)"""
         started = time.monotonic()
@@ -602,11 +604,11 @@ class Ingress:
         try:
             response, tokens, streaming = await self._first_reply(
                 endpoint, body, prompt_tokens, http, slo_class, lease, deadline, kv_profile, timing, span,
-                started, request_id,
+                started, request_id, arrival,
             )
         except OpenAIError as exc:
             if exc.status >= 500:
-                self.workload.finished(0, None, None)  # accepted, then failed: a miss
+                self.workload.finished(arrival, 0, None, None)  # accepted, then failed: a miss
             if span is not None:
                 span.end(exc.status)
             raise
@@ -621,7 +623,7 @@ class Ingress:
     async def _first_reply(
         self, endpoint: str, body: dict[str, Any], prompt_tokens: int, http: Request, slo_class: str,
         lease: _Lease, deadline: float, kv_profile: str | None, timing: Timing, span: tracing.RequestSpan | None,
-        started: float, request_id: str,
+        started: float, request_id: str, arrival: Arrival | None = None,
     ) -> tuple[Response, int, bool]:
         try:
             async with asyncio.timeout(deadline):
@@ -661,12 +663,12 @@ class Ingress:
             parts = {k: v for k, v in timing.parts.items() if k != "decode_queue"}
             ttft = min(e2e, sum(parts.values())) if parts else e2e
             tpot = (e2e - ttft) / (generated - 1) if generated > 1 else None
-            self.workload.finished(generated, ttft, tpot, parts)
+            self.workload.finished(arrival, generated, ttft, tpot, parts)
             return JSONResponse(first.body, headers=headers), int(usage.get("total_tokens") or 0), False
         metrics.TTFT.labels(endpoint, self.mode).observe(time.monotonic() - started)
         stream = StreamingResponse(
             self._sse(endpoint, first, replies, started, http.url.path, deadline, lease, prompt_tokens, span,
-                      dict(timing.parts)),
+                      dict(timing.parts), arrival),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -714,6 +716,7 @@ class Ingress:
         prompt_tokens: int = 0,
         span: tracing.RequestSpan | None = None,
         parts: dict[str, float] | None = None,
+        arrival: Arrival | None = None,
     ) -> AsyncIterator[str]:
         status = "200"
         first_at = last_at = time.monotonic()
@@ -764,7 +767,7 @@ class Ingress:
             metrics.GENERATION_TOKENS.labels(endpoint).inc(chunks)
             if status != "499":  # a client that left says nothing of the service
                 ok = status == "200"
-                self.workload.finished(chunks, first_at - started if ok else None, tpot, parts)
+                self.workload.finished(arrival, chunks, first_at - started if ok else None, tpot, parts)
             if lease is not None:
                 # Streamed chunks carry about one token each.
                 lease.release(prompt_tokens + chunks)

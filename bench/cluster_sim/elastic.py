@@ -314,6 +314,7 @@ class ElasticSim(ClusterSim):
     def _prefill_finished(self, instance: PrefillInstance, request: SimRequest) -> None:
         super()._prefill_finished(instance, request)
         self._window.transfers.append(instance.link_free_at - self.now + self.cost.transfer_latency_s)
+        self._window.transfer_tokens += request.route.prompt_tokens
 
     def _transfer_done(self, request: SimRequest) -> None:
         if request.index in self.lost:
@@ -416,6 +417,7 @@ class ElasticSim(ClusterSim):
             decode_kv_capacity_tokens=self._kv_capacity(decode_alive),
             decode_queue_s=float(np.mean(w.decode_queue)) if w.decode_queue else None,
             transfer_s=float(np.mean(w.transfers)) if w.transfers else None,
+            transfer_s_per_token=float(np.sum(w.transfers)) / w.transfer_tokens if w.transfer_tokens else None,
             completed=len(w.completed),
             ttft_met=met_ttft,
             tpot_met=met_tpot,
@@ -575,6 +577,7 @@ class _Window:
     prefill_tokens: int = 0
     prefill_busy_s: float = 0.0
     transfers: list[float] = field(default_factory=list)
+    transfer_tokens: int = 0  # the prompt tokens whose KV those transfers moved
     decode_queue: list[float] = field(default_factory=list)  # KV arrived -> first step began
     decode: dict[str, list[float]] = field(default_factory=dict)  # name -> [Σbatch, Σcontext, Σstep, steps]
 

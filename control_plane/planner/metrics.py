@@ -70,6 +70,13 @@ def families(record: dict[str, Any], now: float | None = None) -> Iterator[Metri
                 ["slo"], [(["ttft"], plan["predicted_ttft_s"]), (["tpot"], plan["predicted_tpot_s"])])
     yield gauge("tandem:planner_attainment", "Fraction of the interval's finished requests that met each SLO.",
                 ["slo"], [(["ttft"], observed.get("ttft_attainment")), (["tpot"], observed.get("tpot_attainment"))])
+    classes = observed.get("classes") or {}
+    yield gauge("tandem:planner_class_attainment", "The same per SLO class (x-tandem-slo-class); the planner "
+                "corrects on the worst class with enough requests.", ["slo", "slo_class"],
+                [([slo, name], c.get(f"{slo}_attainment")) for name, c in sorted(classes.items()) for slo in ("ttft", "tpot")])
+    yield gauge("tandem:planner_attainment_used", "The attainment the corrective part acted on (the worst of all "
+                "requests' and each class's).", ["slo"],
+                [([slo], (plan.get("attainment") or {}).get(slo)) for slo in ("ttft", "tpot")])
     yield gauge("tandem:planner_decision_age_seconds", "Seconds since the planner's last decision.", [],
                 [([], (now or time.time()) - record["at"])])
 
@@ -77,12 +84,12 @@ def families(record: dict[str, Any], now: float | None = None) -> Iterator[Metri
 def exported_families() -> list[Metric]:
     """Every family the collector exports (from a sample decision): for checks of the
     dashboards against the names."""
-    from control_plane.planner.policy import Observation, Planner
+    from control_plane.planner.policy import ClassAttainment, Observation, Planner
     from control_plane.planner.serve_policy import plan_record
     from control_plane.settings import PlannerSettings
 
     obs = Observation(now=0.0, window_s=10.0, prefill_replicas=1, decode_replicas=1, completed=1, ttft_met=1,
-                      tpot_met=1)
+                      tpot_met=1, classes=(ClassAttainment("standard", 1, 1, 1),))
     record = plan_record(Planner(PlannerSettings()).decide(obs), obs)
     counter = CounterMetricFamily("tandem:planner_decisions", "", labels=["phase", "reason"])
     return [counter, *families(record, now=0.0)]

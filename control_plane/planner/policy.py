@@ -52,6 +52,16 @@ class DecodeSample:
 
 
 @dataclass(frozen=True)
+class ClassAttainment:
+    """One SLO class's finished requests in the interval and how many met each SLO."""
+
+    name: str
+    completed: int
+    ttft_met: int
+    tpot_met: int
+
+
+@dataclass(frozen=True)
 class Observation:
     """What the pools and the ingress measured over one interval."""
 
@@ -75,10 +85,13 @@ class Observation:
     decode_kv_capacity_tokens: float | None = None  # one decode engine's KV capacity, if known
     decode_queue_s: float | None = None  # mean wait at decode before a request's first step
     transfer_s: float | None = None  # mean KV handoff
+    # KV handoff seconds per prompt token, over the links the requests used (traffic-weighted).
+    transfer_s_per_token: float | None = None
     # Completed requests in the window and how many met each SLO.
     completed: int = 0
     ttft_met: int = 0
     tpot_met: int = 0
+    classes: tuple[ClassAttainment, ...] = ()  # the same, per SLO class
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,7 @@ class Planner:
         self.output_mean = Ema(0.5, state.get("output_mean"))
         self.hit = Ema(0.5, state.get("hit"))
         self.transfer = Ema(0.3, state.get("transfer"))
+        self.transfer_per_token = Ema(0.3, state.get("transfer_per_token"))
         self.kv_tokens = Ema(0.3, state.get("kv_tokens"))  # one decode engine's KV capacity
         self.step = Ema(0.3, state.get("step"))  # a decode step now, as observed
         self.phases = {p: _PhaseState(**state.get(p, {})) for p in PHASES}
@@ -157,6 +171,7 @@ class Planner:
             "output_mean": self.output_mean.value,
             "hit": self.hit.value,
             "transfer": self.transfer.value,
+            "transfer_per_token": self.transfer_per_token.value,
             "kv_tokens": self.kv_tokens.value,
             "step": self.step.value,
             **{p: asdict(s) for p, s in self.phases.items()},
@@ -245,6 +260,7 @@ class Planner:
             self.hit.add(obs.prefix_hit_rate)
         self.prefill_tps.add(obs.prefill_tokens_per_s)
         self.transfer.add(obs.transfer_s)
+        self.transfer_per_token.add(obs.transfer_s_per_token)
         samples = obs.decode_samples
         if obs.decode_kv_capacity_tokens:
             self.kv_tokens.add(obs.decode_kv_capacity_tokens)
@@ -256,11 +272,18 @@ class Planner:
         for sample in obs.decode_samples:
             self.decode_fit.add(sample.sequences, sample.context_tokens, sample.step_s)
 
-    @staticmethod
-    def _attainment(obs: Observation) -> dict[str, float | None]:
+    def _attainment(self, obs: Observation) -> dict[str, float | None]:
+        """Each SLO's attainment in the interval: the worst of all requests' and of each
+        SLO class's with enough requests to tell (a class starved behind another, say the
+        one whose KV travels uncompressed, is a miss even when the mean looks fine)."""
         if obs.completed <= 0:
             return {"ttft": None, "tpot": None}
-        return {"ttft": obs.ttft_met / obs.completed, "tpot": obs.tpot_met / obs.completed}
+        out = {"ttft": obs.ttft_met / obs.completed, "tpot": obs.tpot_met / obs.completed}
+        for cls in obs.classes:
+            if cls.completed >= self.settings.min_samples:
+                out["ttft"] = min(out["ttft"], cls.ttft_met / cls.completed)
+                out["tpot"] = min(out["tpot"], cls.tpot_met / cls.completed)
+        return out
 
     def _correct(self, phase: Phase, attained: float | None, samples: int, explained: bool) -> None:
         """The correction estimates the model's bias, a slow quantity: it grows (at most
@@ -289,10 +312,13 @@ class Planner:
         p90 = max(load.prompt_mean, self.prompt_p90.get(load.prompt_mean))
         uncached_rate = load.prompt_rate * (1.0 - hit)
         service_p90 = p90 * (1.0 - hit) / tps
-        # What TTFT leaves to prefill: the KV handoff and the first decode step (a step of the
-        # running batch, as observed) take the rest.
+        # What TTFT leaves to prefill: the KV handoff (a p90 prompt's, at the seconds per
+        # token the links gave; else the mean handoff) and the first decode step (a step of
+        # the running batch, as observed) take the rest.
         first_step = self.step.get(cfg.prior_decode_step_s)
-        budget = cfg.slo_ttft_s - self.transfer.get(0.0) - first_step
+        per_token = self.transfer_per_token.value
+        transfer = p90 * per_token if per_token else self.transfer.get(0.0)
+        budget = cfg.slo_ttft_s - transfer - first_step
         if budget <= service_p90:
             rho, reason = cfg.min_utilization, "ttft_tight"
         else:
@@ -306,7 +332,7 @@ class Planner:
             need, down, reason = need + backlog, down + backlog, "backlog"
         engines = max(1, obs.prefill_replicas - obs.prefill_starting)
         utilization = uncached_rate / (engines * tps)
-        ttft = service_p90 / max(1e-3, 1.0 - min(utilization, 0.999)) + self.transfer.get(0.0) + first_step
+        ttft = service_p90 / max(1e-3, 1.0 - min(utilization, 0.999)) + transfer + first_step
         return need, down, rho, ttft, reason
 
     def _decode_need(self, obs: Observation, load: _Load) -> tuple[float, float, float, float, str]:

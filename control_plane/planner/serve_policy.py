@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from control_plane.planner.policy import DecodeSample, Observation, Plan, Planner
+from control_plane.planner.policy import ClassAttainment, DecodeSample, Observation, Plan, Planner
 from control_plane.settings import PlannerSettings
 
 log = logging.getLogger("ray.serve")
@@ -72,6 +72,14 @@ def observation(contexts: dict[str, Any], now: float, window_s: float) -> Observ
     capacities = [c / u for c, u in zip(metric(decode, "context_tokens"), metric(decode, "kv_usage"), strict=False)
                   if u > 0.2 and c > 0]
     completed = round(total(ingress, "completed"))
+    # Per SLO class: the ingress reports "<stat>:<class>" for each class it knows.
+    class_names = sorted({key.split(":", 1)[1] for key in ((ingress.aggregated_metrics or {}) if ingress else {})
+                          if key.startswith("completed:")})
+    classes = tuple(
+        ClassAttainment(name, n, min(n, round(total(ingress, f"ttft_met:{name}"))),
+                        min(n, round(total(ingress, f"tpot_met:{name}"))))
+        for name in class_names if (n := round(total(ingress, f"completed:{name}"))) > 0
+    )
     return Observation(
         now=now,
         window_s=window,
@@ -92,10 +100,12 @@ def observation(contexts: dict[str, Any], now: float, window_s: float) -> Observ
         decode_kv_usage=mean(decode, "kv_usage"),
         decode_kv_capacity_tokens=sum(capacities) / len(capacities) if capacities else None,
         transfer_s=mean(ingress, "transfer_s", "completed") or None,
+        transfer_s_per_token=mean(ingress, "transfer_s_per_token", "completed") or None,
         decode_queue_s=mean(ingress, "decode_queue_s", "completed") or None,
         completed=completed,
         ttft_met=min(completed, round(total(ingress, "ttft_met"))),
         tpot_met=min(completed, round(total(ingress, "tpot_met"))),
+        classes=classes,
     )
 
 
@@ -111,6 +121,9 @@ def plan_record(plan: Plan, obs: Observation) -> dict[str, Any]:
             "completed": obs.completed,
             "ttft_attainment": obs.ttft_met / obs.completed if obs.completed else None,
             "tpot_attainment": obs.tpot_met / obs.completed if obs.completed else None,
+            "classes": {c.name: {"completed": c.completed, "ttft_attainment": c.ttft_met / c.completed,
+                                 "tpot_attainment": c.tpot_met / c.completed} for c in obs.classes},
+            "transfer_s_per_token": obs.transfer_s_per_token,
             "prefill_tokens_per_s": obs.prefill_tokens_per_s,
             "decode_running": obs.decode_running, "decode_waiting": obs.decode_waiting,
         },

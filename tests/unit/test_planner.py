@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from control_plane.planner.fits import DecodeStepFit, RateForecast
-from control_plane.planner.policy import DecodeSample, Observation, Planner
+from control_plane.planner.policy import ClassAttainment, DecodeSample, Observation, Planner
 from control_plane.settings import PlannerSettings
 
 # An engine like the simulator's H100 profile: prefill 36K tokens/s, decode step
@@ -145,6 +145,36 @@ def test_ttft_misses_from_waiting_at_decode_are_decode_s():
     plan = planner.decide(observe(110.0, 20.0, 2000, 200, 2, 2, ttft_met=0.5, decode_queue_s=1.5))
     assert plan.prefill.correction == 1.0
     assert plan.decode.correction > 1.0
+
+
+def test_a_starved_slo_class_drives_the_correction():
+    planner = Planner(settings(min_samples=10))
+    run(planner, [(20.0, 2000, 200)] * 10)
+    # 90% of all requests met TTFT (the target's edge), but the strict class met 40% of its own.
+    classes = (ClassAttainment("standard", 170, 170, 170), ClassAttainment("strict", 30, 12, 30))
+    plan = planner.decide(observe(110.0, 20.0, 2000, 200, 2, 2, ttft_met=0.91, classes=classes))
+    assert plan.attainment["ttft"] == pytest.approx(0.4)
+    assert plan.prefill.correction > 1.0
+    # A class with too few requests to tell is not acted on.
+    other = Planner(settings(min_samples=10))
+    run(other, [(20.0, 2000, 200)] * 10)
+    few = (ClassAttainment("standard", 197, 197, 197), ClassAttainment("strict", 3, 0, 3))
+    assert other.decide(observe(110.0, 20.0, 2000, 200, 2, 2, classes=few)).prefill.correction == 1.0
+
+
+def test_a_slower_link_leaves_prefill_less_of_the_ttft():
+    """The handoff of a p90 prompt, at the links' measured seconds per token, comes out of the
+    TTFT budget: a slow link means prefill must run less loaded, so more prefill engines."""
+    fast, slow = Planner(settings(slo_ttft_s=0.5)), Planner(settings(slo_ttft_s=0.5))
+    for planner, per_token in ((fast, 1e-6), (slow, 1e-4)):  # 2.4 ms vs 240 ms for a 2,400-token p90
+        for i in range(5):
+            plan = planner.decide(observe((i + 1) * INTERVAL, 20.0, 2000, 200, 4, 4, transfer_s_per_token=per_token))
+    assert slow.transfer_per_token.value == pytest.approx(1e-4)
+    fast_plan = fast.decide(observe(60.0, 20.0, 2000, 200, 4, 4, transfer_s_per_token=1e-6))
+    slow_plan = slow.decide(observe(60.0, 20.0, 2000, 200, 4, 4, transfer_s_per_token=1e-4))
+    assert slow_plan.prefill.needed > fast_plan.prefill.needed
+    assert slow_plan.predicted_ttft_s > fast_plan.predicted_ttft_s + 0.2
+    assert plan is not None
 
 
 def test_kv_capacity_caps_the_streams_per_engine():

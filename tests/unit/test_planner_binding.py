@@ -10,6 +10,7 @@ from ray.serve.config import AutoscalingContext
 from control_plane import app as app_module
 from control_plane.planner import serve_policy
 from control_plane.planner.metrics import PlannerMetricsCollector
+from control_plane.planner.policy import ClassAttainment
 from control_plane.planner.serve_policy import PlannerPolicy, observation, read_decisions, read_plan
 from control_plane.settings import PlannerSettings, TandemSettings
 from routing.workload import WORKLOAD_STATS, WorkloadWindow
@@ -67,7 +68,12 @@ def context(name: str, target: int, running: int, metrics: dict[str, list[float]
 def contexts(now: float = 50.0, arrivals: float = 200.0, prompt: float = 200.0 * 6000):
     ingress = {"arrivals": [arrivals], "prompt_tokens": [prompt], "prompt_tokens_p90": [8000.0],
                "output_tokens": [arrivals * 100], "completed": [arrivals], "ttft_met": [arrivals],
-               "tpot_met": [arrivals], "transfer_s": [0.02], "decode_queue_s": [0.01], "window_s": [10.0]}
+               "tpot_met": [arrivals], "transfer_s": [0.02], "transfer_s_per_token": [0.02 / 6000],
+               "decode_queue_s": [0.01], "window_s": [10.0],
+               "completed:standard": [arrivals - 20], "ttft_met:standard": [arrivals - 20],
+               "tpot_met:standard": [arrivals - 20],
+               "completed:strict": [20.0], "ttft_met:strict": [20.0], "tpot_met:strict": [20.0],
+               "completed:relaxed": [0.0], "ttft_met:relaxed": [0.0], "tpot_met:relaxed": [0.0]}
     prefill = {"computed_tokens": [300_000.0, 300_000.0], "busy_s": [9.0, 9.0], "prompt_tokens": [600_000.0, 600_000.0],
                "cached_tokens": [0.0, 0.0], "queued_tokens": [4000.0, 0.0]}
     decode = {"running": [30.0], "waiting": [0.0], "kv_usage": [0.1], "context_tokens": [30 * 6000.0],
@@ -88,6 +94,9 @@ def test_observation_from_the_contexts():
     assert (sample.sequences, sample.step_s) == (30.0, 0.02)
     assert obs.completed == obs.ttft_met == obs.tpot_met == 200
     assert obs.transfer_s == pytest.approx(0.02)
+    assert obs.transfer_s_per_token == pytest.approx(0.02 / 6000)
+    # Per SLO class; one with no finished request is left out.
+    assert obs.classes == (ClassAttainment("standard", 180, 180, 180), ClassAttainment("strict", 20, 20, 20))
 
 
 def test_policy_decides_both_pools_once_an_interval_and_publishes():
@@ -112,6 +121,8 @@ def test_policy_decides_both_pools_once_an_interval_and_publishes():
     assert samples[("tandem:planner_target_replicas", (("phase", "prefill"),))] == by_name["PrefillWorker"]
     assert samples[("tandem:planner_needed_replicas", (("phase", "prefill"),))] > 2
     assert samples[("tandem:planner_attainment", (("slo", "ttft"),))] == 1.0
+    assert samples[("tandem:planner_class_attainment", (("slo", "tpot"), ("slo_class", "strict")))] == 1.0
+    assert samples[("tandem:planner_attainment_used", (("slo", "ttft"),))] == 1.0
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry()
@@ -193,19 +204,24 @@ def test_engine_planner_stats():
 
 def test_workload_window():
     clock = Clock()
-    window = WorkloadWindow(slo_ttft_s=1.0, slo_tpot_s=0.1, window_s=10, clock=clock)
-    for tokens in range(1, 11):
-        window.arrived(tokens * 100)
-    window.finished(50, ttft_s=0.5, tpot_s=0.05, parts={"kv_transfer": 0.02, "decode_queue": 0.1})
-    window.finished(50, ttft_s=1.5, tpot_s=0.05)
-    window.finished(50, ttft_s=0.5, tpot_s=0.5)
-    window.finished(0, ttft_s=None, tpot_s=None)  # failed before a token: a TTFT miss only
+    window = WorkloadWindow(slo_ttft_s=1.0, slo_tpot_s=0.1, window_s=10, classes=("standard", "strict"), clock=clock)
+    arrivals = [window.arrived(tokens * 100, "strict" if tokens <= 2 else "standard") for tokens in range(1, 11)]
+    assert window.arrived(5, "unknown-class").slo_class is None  # counted, in no class
+    window.finished(arrivals[0], 50, ttft_s=0.5, tpot_s=0.05, parts={"kv_transfer": 0.02, "decode_queue": 0.1})
+    window.finished(arrivals[1], 50, ttft_s=1.5, tpot_s=0.05, parts={"kv_transfer": 0.10})
+    window.finished(arrivals[2], 50, ttft_s=0.5, tpot_s=0.5)
+    window.finished(arrivals[3], 0, ttft_s=None, tpot_s=None)  # failed before a token: a TTFT miss only
     out = window.stats()
-    assert set(out) == set(WORKLOAD_STATS)
-    assert out["arrivals"] == 10 and out["prompt_tokens"] == 5500
-    assert out["prompt_tokens_p90"] == pytest.approx(910)
+    assert set(out) == set(window.keys()) == set(WORKLOAD_STATS) | {
+        f"{stat}:{c}" for stat in ("completed", "ttft_met", "tpot_met") for c in ("standard", "strict")}
+    assert out["arrivals"] == 11 and out["prompt_tokens"] == 5505
+    assert out["prompt_tokens_p90"] == pytest.approx(900)  # of 5, 100, 200, ..., 1000
     assert (out["completed"], out["ttft_met"], out["tpot_met"]) == (4, 2, 3)
-    assert out["transfer_s"] == pytest.approx(0.02)
+    assert (out["completed:strict"], out["ttft_met:strict"], out["tpot_met:strict"]) == (2, 1, 2)
+    assert (out["completed:standard"], out["ttft_met:standard"], out["tpot_met:standard"]) == (2, 1, 1)
+    assert out["transfer_s"] == pytest.approx(0.06)
+    # Seconds per prompt token over the handoffs: (0.02 + 0.10) / (100 + 200) tokens.
+    assert out["transfer_s_per_token"] == pytest.approx(0.12 / 300)
     clock.t += 11
     assert window.stats()["arrivals"] == 0 and window.stats()["prompt_tokens_p90"] == 0
 
