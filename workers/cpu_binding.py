@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -29,11 +30,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def claim_cores(lease_dir: Path, threads: int, owner_pid: int | None = None) -> list[int]:
+def claim_cores(lease_dir: Path, threads: int, owner_pid: int | None = None, role: str | None = None) -> list[int]:
     """Claim ``threads`` cores for ``owner_pid`` (this process by default).
 
     Picks the least-claimed cores, so with more engines than cores the overlap is spread
-    evenly instead of piling onto core 0.
+    evenly instead of piling onto core 0; among those equally claimed, the ones no engine of
+    the same ``role`` holds: a prefill engine (compute-bound) then shares with a decode
+    engine (bound by memory and its step loop), not with another prefill engine it would
+    only take turns with.
     """
     owner_pid = owner_pid or os.getpid()
     cores = _usable_cores()
@@ -41,7 +45,7 @@ def claim_cores(lease_dir: Path, threads: int, owner_pid: int | None = None) -> 
     lease_dir.mkdir(parents=True, exist_ok=True)
     lease_file = lease_dir / "cpu-leases.json"
     with FileLock(str(lease_file) + ".lock"):
-        leases: dict[str, list[int]] = {}
+        leases: dict[str, Any] = {}
         if lease_file.exists():
             try:
                 leases = json.loads(lease_file.read_text())
@@ -49,13 +53,17 @@ def claim_cores(lease_dir: Path, threads: int, owner_pid: int | None = None) -> 
                 leases = {}
         leases = {pid: held for pid, held in leases.items() if _alive(int(pid))}
         claimed_count = {core: 0 for core in cores}
+        same_role = {core: 0 for core in cores}
         for held in leases.values():
-            for core in held:
+            # A lease is {"cores": [...], "role": ...}; older ones are a bare list of cores.
+            held_cores, held_role = (held, None) if isinstance(held, list) else (held.get("cores", []), held.get("role"))
+            for core in held_cores:
                 if core in claimed_count:
                     claimed_count[core] += 1
-        chosen = sorted(cores, key=lambda core: (claimed_count[core], core))[:threads]
+                    same_role[core] += int(role is not None and held_role == role)
+        chosen = sorted(cores, key=lambda core: (claimed_count[core], same_role[core], core))[:threads]
         chosen.sort()
-        leases[str(owner_pid)] = chosen
+        leases[str(owner_pid)] = {"cores": chosen, "role": role}
         lease_file.write_text(json.dumps(leases))
     return chosen
 

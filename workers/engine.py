@@ -277,7 +277,7 @@ class EngineHost:
             threads = worker.cpu_threads or cpu_binding.default_threads(
                 self.settings.engine_count()
             )
-            self._cores = cpu_binding.claim_cores(run_dir(), threads)
+            self._cores = cpu_binding.claim_cores(run_dir(), threads, role=self.role)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding.omp_bind_value(self._cores)
         if self.role != "colocated":
             # NIXL's handshake listener: one port per engine, on this node's address.

@@ -22,6 +22,22 @@ def test_engines_get_disjoint_cores_then_spread_evenly(tmp_path, monkeypatch):
             proc.wait()
 
 
+def test_a_prefill_engine_shares_a_core_with_decode_rather_than_with_prefill(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_binding, "_usable_cores", lambda: [0, 1])
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(4)]
+    try:
+        assert cpu_binding.claim_cores(tmp_path, 1, sleepers[0].pid, role="prefill") == [0]
+        assert cpu_binding.claim_cores(tmp_path, 1, sleepers[1].pid, role="decode") == [1]
+        # Both cores are held once: the second prefill engine goes where decode is.
+        assert cpu_binding.claim_cores(tmp_path, 1, sleepers[2].pid, role="prefill") == [1]
+        # A second decode engine: core 0 has one prefill, core 1 one decode and one prefill.
+        assert cpu_binding.claim_cores(tmp_path, 1, sleepers[3].pid, role="decode") == [0]
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
+
+
 def test_dead_owners_release_their_cores(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_binding, "_usable_cores", lambda: [0, 1])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
