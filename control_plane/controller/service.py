@@ -90,6 +90,10 @@ class ControllerLoop:
                     "link": link,
                     "slo_class": slo_class,
                     "profile": choice.profile,
+                    # What the model and the bandit's mean residuals rank first: the choice
+                    # without exploration's draw (`profile` is a Thompson draw among the
+                    # candidates, so near ties alternate).
+                    "best": self.policy.choose(link, slo_class, raw, explore=False).profile,
                     "spec": self.specs.get(choice.profile),
                     "predicted_s": choice.predicted_s,
                     "bandwidth_bytes_per_s": choice.bandwidth_bytes_per_s,

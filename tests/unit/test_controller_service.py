@@ -62,6 +62,7 @@ def test_slow_link_gets_compression_and_connectors_read_it(redis_url):
     asyncio.run(_steps(loop, redis_url, 2))
     stored = json.loads(redis.Redis.from_url(redis_url).get(decision_key("tandem", "p:1->d:2", "standard")))
     assert stored["profile"] == "int4"
+    assert stored["best"] == "int4"  # the choice without exploration's draw
     assert redis.Redis.from_url(redis_url).ttl(decision_key("tandem", "p:1->d:2", "standard")) > 0
     exact = json.loads(redis.Redis.from_url(redis_url).get(decision_key("tandem", "p:1->d:2", "exact")))
     assert exact["profile"] == "identity"  # lossy profiles are outside the exact budget
