@@ -90,6 +90,16 @@ def planner_on(settings: TandemSettings) -> bool:
     return settings.planner.enabled and settings.mode == "disaggregated"
 
 
+def external_scaler_on(settings: TandemSettings) -> bool:
+    """Whether the app takes pool sizes from outside (`tandem scale`, Serve's REST scale API):
+    only when nothing autoscales it. Serve refuses both at once, and a size set by hand
+    would fight the planner's."""
+    if planner_on(settings):
+        return False
+    roles: tuple[Role, ...] = ("prefill", "decode") if settings.mode == "disaggregated" else ("colocated",)
+    return all(settings.worker(role).autoscaling is None for role in roles)
+
+
 def planner_autoscaling(settings: TandemSettings, role: Role) -> dict[str, Any]:
     """Serve's autoscaling config of a pool the planner sizes: its bounds, no delays of
     Serve's own (the planner has its hysteresis), metrics over one planner interval."""

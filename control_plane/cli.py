@@ -208,13 +208,14 @@ def _deploy(settings: TandemSettings) -> None:
     from control_plane.app import (
         build_app_from_settings,
         config_deploy_args,
+        external_scaler_on,
         planner_on,
         planner_policy,
     )
 
     if not planner_on(settings):
-        serve.run(build_app_from_settings(settings), name=settings.app_name,
-                  route_prefix=settings.route_prefix, blocking=False)
+        serve.run(build_app_from_settings(settings), name=settings.app_name, route_prefix=settings.route_prefix,
+                  blocking=False, external_scaler_enabled=external_scaler_on(settings))
         return
     # Serve has no public config deploy without the dashboard's REST API: its own client.
     from ray.serve.context import _get_global_client
@@ -441,6 +442,49 @@ def down(
     if state.get("embedded_redis") and redis_server.stop_embedded():
         console.print("embedded redis stopped")
     _state_path().unlink(missing_ok=True)
+
+
+POOL_DEPLOYMENTS = {"prefill": "PrefillWorker", "decode": "DecodeWorker", "colocated": "ColocatedWorker"}
+
+
+@app.command()
+def scale(
+    role: str = typer.Argument(..., help="The pool: prefill, decode or colocated."),
+    replicas: int = typer.Argument(..., min=1, help="Its new number of replicas."),
+    app_name: str | None = typer.Option(None, "--app", help="The Serve app (default: the one `tandem up` started)."),
+) -> None:
+    """Resize a pool of a running app without restarting anything (Serve's external scaler).
+
+    Added replicas start their engines; a removed prefill replica first waits for the KV it
+    published to be pulled (or to expire), a removed decode replica for its streams to end.
+    Apps sized by the planner or by Serve's autoscaling refuse: they size themselves."""
+    deployment = POOL_DEPLOYMENTS.get(role)
+    if deployment is None:
+        console.print(f"[red]unknown pool {role!r}: one of {', '.join(POOL_DEPLOYMENTS)}[/]")
+        raise typer.Exit(2)
+    state = _read_state()
+    name = app_name or state.get("app_name")
+    if not name:
+        console.print("[red]no app: pass --app, or start one with `tandem up`[/]")
+        raise typer.Exit(1)
+    _connect_ray(state.get("ray_address") or "auto")
+    try:
+        scale_pool(name, deployment, replicas)
+    except Exception as exc:  # noqa: BLE001 - Serve's refusals, shown as they are
+        console.print(f"[red]{name}/{deployment}: {getattr(exc, 'cause', None) or exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"{name}/{deployment}: scaling to {replicas} replica(s)")
+
+
+def scale_pool(app_name: str, deployment: str, replicas: int) -> None:
+    """Set a deployment's replica count through Serve's controller, as Serve's REST scale
+    endpoint does (`POST /api/v1/applications/{app}/deployments/{name}/scale`)."""
+    import ray
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    ray.get(controller.update_deployment_replicas.remote(DeploymentID(name=deployment, app_name=app_name), replicas))
 
 
 @app.command()

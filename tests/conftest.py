@@ -25,6 +25,9 @@ REFERENCE_APP = "reference"
 NIXL_APP = "nixl"
 NIXL_PREFILL_REPLICAS = 2
 NIXL_PROFILE = "int8-token-g32-recent32"
+# Its published KV lives longer than the default app's: the scale-down test holds some
+# unpulled across a pool resize (test_zz_drain_scale_down).
+NIXL_TTL_S = 60
 # An ingress with API keys on and tight admission limits, in front of the reference app's
 # engine (no engine of its own).
 SECURE_APP = "secure"
@@ -108,10 +111,11 @@ def extra_app_settings(name: str, **overrides):
 def deploy_extra_app(settings) -> None:
     from ray import serve
 
-    from control_plane.app import build_app_from_settings
+    from control_plane.app import build_app_from_settings, external_scaler_on
 
+    # As `tandem up` deploys a fixed-size app: its pools can be resized (`tandem scale`).
     serve.run(build_app_from_settings(settings), name=settings.app_name, route_prefix=settings.route_prefix,
-              blocking=False)
+              blocking=False, external_scaler_enabled=external_scaler_on(settings))
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +149,7 @@ def cluster(cluster_env: dict):
         prefill={"replicas": NIXL_PREFILL_REPLICAS, "cpu_threads": 1},
         decode={"replicas": 1, "cpu_threads": 1},
         # KV travels int8-compressed here: its greedy output must still match colocated.
-        kv_connector={"transport": "nixl", "ttl_s": TTL_S,
+        kv_connector={"transport": "nixl", "ttl_s": NIXL_TTL_S,
                       "compression": {"mode": "static", "profile": NIXL_PROFILE}},
     )
     for extra in (reference, nixl):

@@ -87,3 +87,25 @@ def test_up_block_returns_on_sigterm_so_the_container_can_drain():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_scale_refuses_an_unknown_pool_or_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(app, ["scale", "encoder", "2"])
+    assert result.exit_code == 2 and "unknown pool" in result.output
+    assert runner.invoke(app, ["scale", "prefill", "0"]).exit_code == 2  # typer's bound: at least one
+    result = runner.invoke(app, ["scale", "prefill", "2"])
+    assert result.exit_code == 1 and "no app" in result.output
+
+
+def test_only_fixed_size_apps_take_an_external_scaler():
+    from control_plane.app import external_scaler_on
+    from control_plane.settings import load_settings
+
+    assert external_scaler_on(load_settings(None))
+    assert external_scaler_on(load_settings(None, mode="colocated"))
+    assert not external_scaler_on(load_settings(None, planner={"enabled": True}))
+    autoscaled = {"autoscaling": {"min_replicas": 1, "max_replicas": 2}}
+    assert not external_scaler_on(load_settings(None, decode=autoscaled))
+    assert external_scaler_on(load_settings(None, mode="colocated", decode=autoscaled))
