@@ -40,6 +40,11 @@ def settings_yaml(slo_ttft_s: float, slo_tpot_s: float, engine_start_s: float) -
     return {
         "port": PORT,
         "app_name": APP,
+        # One core per engine: two engines (1P:1D) take the host's two cores, and a second
+        # prefill engine shares decode's core (cpu binding keeps it off the first prefill
+        # engine's), where the documents' short answers leave decode mostly idle.
+        "prefill": {"cpu_threads": 1},
+        "decode": {"cpu_threads": 1},
         "planner": {
             "enabled": True, "slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s,
             "min_prefill": 1, "max_prefill": 2, "min_decode": 1, "max_decode": 2, "max_total": 3,
@@ -136,17 +141,34 @@ def main(
     rows = sampler.rows
     requests = _requests(out, slo_ttft_s, slo_tpot_s)
     switch = sampler.started_at + duration / 2
-    phases = {"chat": [r for r in requests if r["start"] < switch], "documents": [r for r in requests if r["start"] >= switch]}
+    # When the second prefill engine served (after the switch): documents before and after.
+    two_at = next((sampler.started_at + r["t"] for r in rows
+                   if sampler.started_at + r["t"] >= switch and (r.get("prefill_running") or 0) >= 2), None)
+    later = two_at if two_at is not None else float("inf")
+    phases = {"chat": [r for r in requests if r["start"] < switch],
+              "documents": [r for r in requests if r["start"] >= switch],
+              "documents, one prefill engine": [r for r in requests if switch <= r["start"] < later],
+              "documents, two prefill engines": [r for r in requests if r["start"] >= later]}
     attainment = {name: (sum(r["met"] for r in rs) / len(rs) if rs else None) for name, rs in phases.items()}
     scale_events = sum(1 for a, b in zip(rows, rows[1:], strict=False)
                        for p in ("prefill", "decode") if a.get(f"{p}_target") != b.get(f"{p}_target"))
     meta = {"duration_s": duration, "users": users, "slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s,
             "settings": settings_yaml(slo_ttft_s, slo_tpot_s, engine_start_s), "summary": summary,
-            "attainment_by_phase": attainment, "lost": summary.get("failed"),
+            "attainment_by_phase": attainment, "requests_by_phase": {k: len(v) for k, v in phases.items()},
+            "ttft_p50_by_phase": {k: _median([r["ttft"] for r in v if r["ok"]]) for k, v in phases.items()},
+            "second_prefill_serving_at_s": None if two_at is None else two_at - sampler.started_at,
+            "lost": summary.get("failed"),
             "scale_events": scale_events}
     write_results("planner_live", rows, meta)
     _plot(rows, requests, switch - sampler.started_at, sampler.started_at, slo_ttft_s)
-    print(json.dumps({k: meta[k] for k in ("attainment_by_phase", "lost", "scale_events")}, indent=1))
+    print(json.dumps({k: meta[k] for k in ("attainment_by_phase", "ttft_p50_by_phase", "lost", "scale_events")},
+                     indent=1))
+
+
+def _median(values: list[float]) -> float | None:
+    import statistics
+
+    return statistics.median(values) if values else None
 
 
 def _requests(out: Path, slo_ttft_s: float, slo_tpot_s: float) -> list[dict[str, Any]]:
