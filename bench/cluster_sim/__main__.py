@@ -339,6 +339,27 @@ def planner(
     console.print("plots: " + ", ".join(paths))
 
 
+@app.command("planner-surge")
+def planner_surge(
+    profile: str = typer.Option("gpu_llama3_8b_h100"),
+    workers: int = typer.Option(2),
+    seed: int = typer.Option(0),
+) -> None:
+    """The planner's day with a step surge instead of a ramp (60 -> 120 req/s at once): the
+    planner at headroom 0, 0.1 (its default) and 0.5, and static pools, in one run."""
+    from bench.cluster_sim import planner_bench
+    from bench.cluster_sim.shifting import STEP_DAY, shifting_workload
+
+    setup = planner_bench.Setup(profile=profile, seed=seed)
+    started = time.perf_counter()
+    rows = planner_bench.run_surge(setup, workers=workers)
+    workload, _ = shifting_workload(STEP_DAY, seed=seed)
+    meta = {"setup": setup.__dict__, "workload": workload.description, "requests": len(workload.requests),
+            "wall_s": time.perf_counter() - started}
+    write_results("planner_sim_step", rows, meta)
+    console.print(markdown_table(rows, ["scaler", "attainment", "engine_hours", "lost", "ttft_p90_s", "by_stretch"]))
+
+
 @app.command()
 def replot(name: str = typer.Argument(..., help="Result name, e.g. cluster_sim_capacity_cpu_smollm2.")) -> None:
     """Draw a capacity run's plots again from its result files."""

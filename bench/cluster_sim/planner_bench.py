@@ -33,7 +33,7 @@ from bench.cluster_sim.elastic import (
     StaticScaler,
     TandemScaler,
 )
-from bench.cluster_sim.shifting import DAY, shifting_workload
+from bench.cluster_sim.shifting import DAYS, shifting_workload
 from control_plane.settings import PlannerSettings
 
 
@@ -48,6 +48,8 @@ class Setup:
     start: tuple[int, int] = (2, 2)
     warmup_s: float = 60.0
     seed: int = 0
+    day: str = "ramp"  # shifting.DAYS: the surge as a ramp, or as a step
+    headroom: float | None = None  # the planner's, when not its default
 
     def planner_settings(self) -> PlannerSettings:
         """Tandem's defaults, with the run's SLOs, bounds and engine start time."""
@@ -55,6 +57,7 @@ class Setup:
             enabled=True, slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s,
             engine_start_s=self.engine_start_s, max_prefill=self.max_per_phase,
             max_decode=self.max_per_phase, max_total=self.max_total,
+            **({"headroom": self.headroom} if self.headroom is not None else {}),
         )
 
 
@@ -85,7 +88,7 @@ def build(setup: Setup, kind: str, arg: Any):
 
 def run_one(setup: Setup, kind: str, arg: Any) -> tuple[str, dict[str, Any], list[dict[str, float]]]:
     cost = load_profile(setup.profile)
-    workload, arrivals = shifting_workload(DAY, seed=setup.seed, block_tokens=cost.block_tokens)
+    workload, arrivals = shifting_workload(DAYS[setup.day], seed=setup.seed, block_tokens=cost.block_tokens)
     scaler = build(setup, kind, arg)
     started = time.perf_counter()
     result: ElasticResult = ElasticSim(
@@ -93,8 +96,21 @@ def run_one(setup: Setup, kind: str, arg: Any) -> tuple[str, dict[str, Any], lis
         engine_start_s=setup.engine_start_s, warmup_s=setup.warmup_s, seed=setup.seed,
     ).run()
     name = scaler.name if kind != "serve" else f"{scaler.name} delays {arg[2]:g}/{arg[3]:g}s"
+    if kind == "tandem" and setup.headroom is not None:
+        name += f" headroom {setup.headroom:g}"
     row = {"kind": kind, **result.row(), "scaler": name, "wall_s": time.perf_counter() - started}
     return kind, row, result.timeline
+
+
+def run_surge(setup: Setup, headrooms: tuple[float, ...] = (0.0, 0.1, 0.5),
+              static: tuple[tuple[int, int], ...] = ((3, 4), (4, 4)), workers: int = 2) -> list[dict[str, Any]]:
+    """The step-surge day: the planner at each headroom, and static pools, in one run."""
+    from dataclasses import replace
+
+    jobs = [(replace(setup, day="step", headroom=h), "tandem", None) for h in headrooms]
+    jobs += [(replace(setup, day="step"), "static", pool) for pool in static]
+    with ProcessPoolExecutor(workers) as pool:
+        return [future.result()[1] for future in [pool.submit(run_one, *job) for job in jobs]]
 
 
 def run_all(setup: Setup, quick: bool = False, workers: int = 2) -> tuple[list[dict[str, Any]], dict[str, list]]:

@@ -46,6 +46,10 @@ DAY: tuple[Stretch, ...] = (
     Stretch("mooncake", 600, 5),
     Stretch("chat", 900, 50, 10),
 )
+# The same day with a surge no forecast sees coming: 60 -> 120 req/s at once, held as long as
+# DAY's ramp and hold together.
+STEP_DAY: tuple[Stretch, ...] = (DAY[0], Stretch("chat", 180, 120), *DAY[3:])
+DAYS = {"ramp": DAY, "step": STEP_DAY}
 
 
 def arrivals_for(stretches: tuple[Stretch, ...], seed: int = 0) -> tuple[np.ndarray, list[int]]:
