@@ -36,7 +36,8 @@ def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -
     csv_path = RESULTS / f"{name}.csv"
     json_path.write_text(json.dumps({"meta": {**machine(), **meta}, "rows": rows}, indent=2))
     with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # Every key of every row (a row may carry one the first lacks, e.g. a sampling error).
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
     return json_path, csv_path

@@ -34,6 +34,7 @@ from bench.common import RESULTS, write_results
 app = typer.Typer(add_completion=False, help=__doc__)
 PORT = 8321
 APP = "tandem"
+BOX = "plan"
 
 
 def settings_yaml(slo_ttft_s: float, slo_tpot_s: float, engine_start_s: float) -> dict[str, Any]:
@@ -55,10 +56,13 @@ def settings_yaml(slo_ttft_s: float, slo_tpot_s: float, engine_start_s: float) -
 
 
 class Sampler(threading.Thread):
-    """Every second: the planner's last decision and Serve's replica states."""
+    """Every second: the planner's last decision and Serve's replica states (on a cluster in
+    a box, whose Ray a driver in this namespace cannot join, the replicas as the planner
+    observed them: its pool and the engines of it still starting)."""
 
-    def __init__(self, redis_url: str):
+    def __init__(self, redis_url: str, serve_status: bool = True):
         super().__init__(daemon=True)
+        self._serve_status = serve_status
         import redis
 
         from control_plane.planner.serve_policy import read_plan
@@ -73,7 +77,8 @@ class Sampler(threading.Thread):
         import ray
         from ray import serve
 
-        ray.init(address="auto", logging_level="ERROR")
+        if self._serve_status:
+            ray.init(address="auto", logging_level="ERROR")
         while not self.stop.wait(1.0):
             row: dict[str, Any] = {"t": time.time() - self.started_at}
             try:
@@ -86,6 +91,14 @@ class Sampler(threading.Thread):
                     row["rate"] = record["observed"]["arrivals_per_s"]
                     row["ttft_attainment"] = record["observed"]["ttft_attainment"]
                     row["tpot_attainment"] = record["observed"]["tpot_attainment"]
+                    if not self._serve_status:
+                        for p in ("prefill", "decode"):
+                            starting = record["observed"][f"{p}_starting"]
+                            row[f"{p}_running"] = record["observed"][f"{p}_replicas"] - starting
+                            row[f"{p}_starting"] = starting
+                if not self._serve_status:
+                    self.rows.append(row)
+                    continue
                 deployments = serve.status().applications[APP].deployments
                 for name, phase in (("PrefillWorker", "prefill"), ("DecodeWorker", "decode")):
                     states = deployments[name].replica_states
@@ -113,6 +126,8 @@ def main(
     slo_tpot_s: float = typer.Option(0.25),
     engine_start_s: float = typer.Option(45.0, help="What the planner assumes a new engine takes."),
     context_tokens: int = typer.Option(1200),
+    box: bool = typer.Option(False, help="On a cluster in a box (root): head, prefill and decode nodes, "
+                             "KV over a 10 Gbit veth link."),
 ) -> None:
     from control_plane.paths import run_dir
     from loadtest.cli import run_loadtest
@@ -120,15 +135,25 @@ def main(
     config = Path(tempfile.mkdtemp()) / "planner.yaml"
     config.write_text(yaml.safe_dump(settings_yaml(slo_ttft_s, slo_tpot_s, engine_start_s)))
     started = time.time()
-    _tandem("up", "--config", str(config))
-    print(f"tandem up in {time.time() - started:.0f}s")
-    state = json.loads((run_dir() / "up.json").read_text())
-    sampler = Sampler(state["redis_url"])
+    if box:
+        from control_plane.cluster import box as boxlib
+
+        _tandem("cluster", "up", "--name", BOX, "--roles", "head,prefill,decode", "--config", str(config),
+                timeout=1200)
+        box_state = boxlib.load(BOX)
+        url, redis_url = f"http://{box_state.head.address}:{boxlib.HTTP_PORT}", box_state.redis_url
+    else:
+        _tandem("up", "--config", str(config))
+        state = json.loads((run_dir() / "up.json").read_text())
+        url, redis_url = state["url"], state["redis_url"]
+    print(f"up in {time.time() - started:.0f}s")
+    sampler = Sampler(redis_url, serve_status=not box)
     sampler.start()
-    out = RESULTS / "planner_live_locust"
+    name = "planner_live_box" if box else "planner_live"
+    out = RESULTS / f"{name}_locust"
     try:
         summary = run_loadtest(
-            state["url"], workload="chat-to-documents", shape="steady", duration_s=duration, users=users,
+            url, workload="chat-to-documents", shape="steady", duration_s=duration, users=users,
             out_dir=out, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, max_tokens=64,
             extra_args=("--switch-after", str(duration / 2), "--context-tokens", str(context_tokens),
                         "--chat-max-tokens", "96", "--documents-max-tokens", "4", "--system-prompt-tokens", "200"),
@@ -137,7 +162,10 @@ def main(
     finally:
         sampler.stop.set()
         sampler.join(timeout=10)
-        _tandem("down", timeout=300)
+        if box:
+            _tandem("cluster", "down", "--name", BOX, timeout=300)
+        else:
+            _tandem("down", timeout=300)
     rows = sampler.rows
     requests = _requests(out, slo_ttft_s, slo_tpot_s)
     switch = sampler.started_at + duration / 2
@@ -150,8 +178,7 @@ def main(
               "documents, one prefill engine": [r for r in requests if switch <= r["start"] < later],
               "documents, two prefill engines": [r for r in requests if r["start"] >= later]}
     attainment = {name: (sum(r["met"] for r in rs) / len(rs) if rs else None) for name, rs in phases.items()}
-    scale_events = sum(1 for a, b in zip(rows, rows[1:], strict=False)
-                       for p in ("prefill", "decode") if a.get(f"{p}_target") != b.get(f"{p}_target"))
+    scale_events = _scale_events(rows)
     meta = {"duration_s": duration, "users": users, "slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s,
             "settings": settings_yaml(slo_ttft_s, slo_tpot_s, engine_start_s), "summary": summary,
             "attainment_by_phase": attainment, "requests_by_phase": {k: len(v) for k, v in phases.items()},
@@ -159,10 +186,20 @@ def main(
             "second_prefill_serving_at_s": None if two_at is None else two_at - sampler.started_at,
             "lost": summary.get("failed"),
             "scale_events": scale_events}
-    write_results("planner_live", rows, meta)
-    _plot(rows, requests, switch - sampler.started_at, sampler.started_at, slo_ttft_s)
+    meta["sampler_started_at"] = sampler.started_at  # the origin of the rows' t
+    meta["where"] = "cluster in a box: head, prefill and decode nodes, 10 Gbit links" if box else "one host"
+    write_results(name, rows, meta)
+    _plot(rows, requests, switch - sampler.started_at, sampler.started_at, slo_ttft_s, name)
     print(json.dumps({k: meta[k] for k in ("attainment_by_phase", "ttft_p50_by_phase", "lost", "scale_events")},
                      indent=1))
+
+
+def _scale_events(rows: list[dict[str, Any]]) -> int:
+    """Changes of a phase's target between consecutive decisions (samples without one, a
+    sampling error, are skipped)."""
+    decided = [r for r in rows if r.get("prefill_target") is not None]
+    return sum(1 for a, b in zip(decided, decided[1:], strict=False)
+               for p in ("prefill", "decode") if a[f"{p}_target"] != b[f"{p}_target"])
 
 
 def _median(values: list[float]) -> float | None:
@@ -193,7 +230,7 @@ def _requests(out: Path, slo_ttft_s: float, slo_tpot_s: float) -> list[dict[str,
 
 
 def _plot(rows: list[dict[str, Any]], requests: list[dict[str, Any]], switch_t: float, t0: float,
-          slo_ttft_s: float) -> None:
+          slo_ttft_s: float, name: str = "planner_live") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +255,7 @@ def _plot(rows: list[dict[str, Any]], requests: list[dict[str, Any]], switch_t: 
     latency.set_xlabel("seconds")
     latency.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "planner_live.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
     plt.close(fig)
 
 

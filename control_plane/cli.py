@@ -176,7 +176,7 @@ def up(
     serve.start(http_options={"host": settings.host, "port": settings.port})
     started = time.monotonic()
     with console.status(f"deploying {settings.mode} app '{settings.app_name}'..."):
-        _deploy(settings)
+        deploy_app(settings)
         from control_plane.app import planner_on
 
         health = _wait_healthy(settings.url, timeout, settings.app_name if planner_on(settings) else None)
@@ -199,7 +199,7 @@ def up(
         down(grace=None, config=config)
 
 
-def _deploy(settings: TandemSettings) -> None:
+def deploy_app(settings: TandemSettings) -> None:
     """Deploy the app: from Python, or, with the P:D planner, as a Serve config (Serve
     applies an application-level autoscaling policy only to apps deployed from config, as
     KubeRay's serveConfigV2 does)."""

@@ -210,6 +210,10 @@ def node_env(state: BoxState, node: NodeState) -> dict[str, str]:
         # The nodes share a kernel, so UCX (NIXL's backend) would move bytes through shared
         # memory and never touch the link; on separate hosts it could not. TCP it is.
         UCX_TLS="tcp",
+        # The app's secrets, as a Kubernetes Secret gives them to the pods: a config deploy
+        # (the planner's) carries none in its args, and its builder and policy read these.
+        TANDEM_KV_CONNECTOR__AUTH_SECRET=state.kv_secret,
+        TANDEM_REDIS_URL=state.redis_url,
     )
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     return env

@@ -65,8 +65,7 @@ def main(argv: list[str]) -> int:
     import ray
     from ray import serve
 
-    from control_plane.app import build_app_from_settings
-    from control_plane.cli import _wait_healthy
+    from control_plane.cli import _wait_healthy, deploy_app
     from control_plane.model import prepare_model
 
     apps = [TandemSettings.model_validate(data) for data in json.loads(Path(argv[0]).read_text())]
@@ -76,8 +75,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     for settings in apps:
         prepare_model(settings.model.path)
-        serve.run(build_app_from_settings(settings), name=settings.app_name, route_prefix=settings.route_prefix,
-                  blocking=False)  # fmt: skip
+        deploy_app(settings)  # as `tandem up` deploys: from a Serve config when the planner is on
     host = ray.util.get_node_ip_address()  # the head's address in the box
     for settings in apps:
         url = f"http://{host}:{settings.port}{settings.route_prefix.rstrip('/')}"

@@ -99,3 +99,25 @@ def test_box_state_finds_nodes_and_head():
     assert state.node("n1").resources == {"tandem_prefill": float(box.ROLE_UNITS)}
     with pytest.raises(box.BoxError):
         state.node("n9")
+
+
+def test_a_config_deploy_on_the_box_gets_its_secrets_from_the_nodes(monkeypatch):
+    """With the planner on, the app is deployed from a Serve config whose args hold no
+    secret: the builder (and the planner's policy) on the box's nodes read them from the
+    nodes' environment, as a pod reads a Kubernetes Secret."""
+    from control_plane.app import config_deploy_args
+    from control_plane.cluster.deploy import box_settings
+    from control_plane.settings import load_settings
+
+    for var in ("TANDEM_CONFIG", "TANDEM_HOST", "TANDEM_KV_CONNECTOR__AUTH_SECRET", "TANDEM_REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    state = _state()
+    settings = box_settings(state, planner={"enabled": True})
+    args = config_deploy_args(settings)
+    assert "auth_secret" not in args["kv_connector"] and "redis_url" not in args  # Redis has a password
+    env = box.node_env(state, state.node("n1"))
+    for var in ("TANDEM_KV_CONNECTOR__AUTH_SECRET", "TANDEM_REDIS_URL"):
+        monkeypatch.setenv(var, env[var])
+    rebuilt = load_settings(None, **{k: v for k, v in args.items() if k != "config"})
+    assert rebuilt.kv_connector.auth_secret == state.kv_secret and rebuilt.redis_url == state.redis_url
+    assert rebuilt.prefill.ray_resources == {"tandem_prefill": 1} and rebuilt.kv_connector.listen == "node"
