@@ -182,7 +182,16 @@ def vllm_cli_args(
 
 
 class TrackedEngine:
-    """Counts what the engine has been handed but not yet prefilled (for routing stats)."""
+    """Counts what the engine has been handed but not yet prefilled (for routing stats), and
+    keeps a request's prompt details on every output it streams.
+
+    vLLM puts ``prompt_logprobs`` only on a request's first output (later ones have an empty
+    list). With ``n`` > 1 the samples can reach their first token in different outputs, and
+    vLLM's streaming completions with ``echo`` and ``logprobs`` then echo a later sample's
+    prompt against the sample's own logprobs: a KeyError on the first prompt token, sent to
+    the client as an error event (2 requests in 15 here). The prompt's logprobs are the same
+    for every sample: each output carries them.
+    """
 
     def __init__(self, engine: Any, stats: EngineStats):
         self._engine = engine
@@ -194,8 +203,14 @@ class TrackedEngine:
         prompt_tokens = _prompt_token_count(prompt)
         self._stats.request_started(prompt_tokens)
         prefilled = False
+        prompt_logprobs = None
         try:
             async for output in self._orig_generate(prompt, *args, **kwargs):
+                # After the first output vLLM sends an empty list (or None) for them.
+                if getattr(output, "prompt_logprobs", None):
+                    prompt_logprobs = output.prompt_logprobs
+                elif prompt_logprobs is not None:
+                    output.prompt_logprobs = prompt_logprobs
                 if not prefilled:
                     prefilled = True
                     self._stats.request_prefilled(
