@@ -337,6 +337,9 @@ def keys_revoke(
         raise typer.Exit(1)
 
 
+PROXY_FLUSH_S = 2.0
+
+
 def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = None) -> dict[str, dict[str, int]] | None:
     """Ask every app's ingress replicas to refuse new requests and finish the ones they
     accepted; wait up to ``grace_s``. Returns, per app, the replicas' last in-flight counts;
@@ -366,6 +369,11 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
     with console.status(f"draining {', '.join(apps)} (up to {grace_s:.0f}s)..."):
         for name, replicas in apps.items():
             reports[name] = drain.wait_drained(redis_url, name, replicas, max(0.0, deadline - time.monotonic()))
+    if any(report and not sum(report.values()) for report in reports.values()):
+        # An ingress counts a stream done when its last chunk left the replica; Serve's
+        # HTTP proxy may still be writing it to the client, and stopping Serve kills the
+        # proxies at once. A moment for them to flush.
+        time.sleep(PROXY_FLUSH_S)
     for name, report in reports.items():
         left = sum(report.values())
         if left:

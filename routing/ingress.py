@@ -208,6 +208,11 @@ def _sse_error(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
 
+def _ends_stream(chunk: Any) -> bool:
+    """Whether an SSE chunk from a worker is (or ends with) the stream's `data: [DONE]`."""
+    return isinstance(chunk, str) and chunk.rstrip().endswith("data: [DONE]")
+
+
 def _is_json(content_type: str | None) -> bool:
     media = (content_type or "").split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -721,6 +726,7 @@ class Ingress:
         status = "200"
         first_at = last_at = time.monotonic()
         chunks = 1
+        finished = _ends_stream(first.body)
         try:
             yield first.body
             async with asyncio.timeout(max(0.0, deadline - (time.monotonic() - started))):
@@ -735,10 +741,18 @@ class Ingress:
                         yield reply.body
                         chunks += 1
                         last_at = time.monotonic()
+                        finished = _ends_stream(reply.body)
                     elif reply.kind == ERROR:
                         status = str(reply.status)
                         yield _sse_error(from_engine_error(reply.body, reply.status).body())
                         return
+            if not finished:
+                # The worker's stream stopped without vLLM's [DONE] (its engine request was
+                # aborted under it): the client must not take the text so far for a whole
+                # answer.
+                log.warning("%s stream from the worker ended before [DONE] after %d chunk(s)", endpoint, chunks)
+                status = "502"
+                yield _sse_error(error_body(502, "the worker's stream ended before the answer was finished", code="incomplete_stream"))
         except asyncio.CancelledError:
             status = "499"
             metrics.CLIENT_DISCONNECTS.inc()

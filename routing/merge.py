@@ -88,11 +88,13 @@ class _StreamMerger:
         self.created: int | None = None
         self.usages: list[dict[str, Any]] = []
         self.last: dict[str, Any] | None = None
+        self.done: set[int] = set()  # the prompts whose stream reached its [DONE]
 
     def rewrite(self, prompt: int, chunk: str) -> str | None:
         out = []
         for data in _sse_events(chunk):
             if data.strip() == _SSE_DONE:
+                self.done.add(prompt)
                 continue
             event = json.loads(data)
             if not isinstance(event, dict) or "choices" not in event:
@@ -177,6 +179,11 @@ async def run_batch(
                 chunk = merger.rewrite(prompt, item.body)
                 if chunk is not None:
                     yield WorkerReply(CHUNK, chunk)
+        if len(merger.done) < len(pumps):
+            # A prompt's stream stopped before its [DONE]: the batch is not whole, and its
+            # summed ending must not say it is.
+            yield WorkerReply(ERROR, {"error": {"message": "a prompt's stream ended before it was finished"}}, 502)
+            return
         yield WorkerReply(CHUNK, merger.ending())
     finally:
         # Abort whatever is still running: pending prefills, and the decode streams (a

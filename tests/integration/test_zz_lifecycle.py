@@ -31,8 +31,12 @@ def _stream_in_background(url: str, events: list[str]) -> threading.Thread:
             "max_tokens": 400, "ignore_eos": True, "stream": True}
 
     def run() -> None:
-        with httpx.Client(timeout=300) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            events.extend(line for line in r.iter_lines() if line)
+        try:
+            with httpx.Client(timeout=300) as client, client.stream("POST", f"{url}/v1/chat/completions",
+                                                                  json=body) as r:
+                events.extend(line for line in r.iter_lines() if line)
+        except httpx.HTTPError as exc:  # the connection cut: said in the test's failure
+            events.append(f"<{type(exc).__name__}: {exc}>")
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -80,7 +84,7 @@ def test_down_drains_then_stops_everything(cluster, cluster_env):
             down.wait()
     streaming.join(timeout=30)
     # The accepted stream was finished, not cut: every token, the finish reason, [DONE].
-    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), events[-3:]
+    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), (len(events), events[-3:], output)
     assert any('"finish_reason":"length"' in e for e in events)
     assert "drained" in output, output
     try:

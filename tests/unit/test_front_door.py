@@ -251,6 +251,18 @@ async def test_a_decode_replica_failing_mid_stream_ends_the_stream_with_an_error
     assert "decode worker failed: ActorDiedError" in response.text and response.text.endswith("data: [DONE]\n\n")
 
 
+async def test_a_decode_stream_ending_before_done_ends_with_an_error_event_not_as_a_whole_answer(front_door):
+    prefill = FakeHandle([WorkerReply(RESPONSE, PREFILLED)])
+    decode = FakeHandle([WorkerReply(CHUNK, 'data: {"choices": [{"index": 0, "delta": {"content": "Pa"}}]}\n\n')])
+    client = await front_door({}, prefill=prefill, decode=decode)
+    response = await client.post(CHAT, json=_chat(stream=True))
+    assert response.status_code == 200
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[0].startswith('data: {"choices"') and events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["code"] == "incomplete_stream" and "ended before" in error["message"]
+
+
 async def test_engine_errors_keep_their_status(front_door):
     error = {"error": {"message": "This model's maximum context length is 2048 tokens.", "code": 400}}
     colocated = FakeHandle([WorkerReply(ERROR, error, 400)])

@@ -227,6 +227,15 @@ async def test_a_batch_of_streams_merges_into_one_stream():
     assert a.closed and b.closed
 
 
+async def test_a_prompts_stream_ending_before_done_fails_the_batch_rather_than_end_it_whole():
+    done = WorkerReply(CHUNK, _sse("[DONE]"))
+    a = ClosingStream(_chunk("x", "a1"), _usage_chunk("x", 3), done)
+    b = ClosingStream(_chunk("y", "b1"))  # cut: no usage, no [DONE]
+    out = await _collect(run_batch([_started(a), _started(b)]))
+    assert out[-1].kind == ERROR and out[-1].status == 502
+    assert not any(r.kind == CHUNK and "[DONE]" in r.body for r in out)
+
+
 async def test_one_prompts_error_is_the_batchs_and_aborts_the_others():
     error = WorkerReply(ERROR, {"error": {"message": "too long"}}, 400)
     good = ClosingStream(_chunk("x", "a1"), hang=True)
