@@ -21,6 +21,11 @@ Three modes (``routing.disaggregation.mode``):
   replica costs every stream the TPOT of that prefill. Until enough requests have been
   measured, the cost model decides as ``threshold`` does.
 
+Independently of the mode, ``lend_decode_at`` lends decode to the prefill pool: while the
+least busy decode replica runs at least that many streams and a prefill replica runs fewer
+requests, the request runs whole on a prefill replica (every engine's connector is kv_both,
+so an engine serves either phase by routing alone, without a restart).
+
 The decode replica's cache is read from the decode router's session memory: a conversation
 whose earlier turns that replica decoded has them in its prefix cache, so only the new turn
 is uncached (the typical "next turn" case, where a local prefill moves nothing).
@@ -34,7 +39,9 @@ from typing import Literal
 
 from control_plane.planner.fits import Ema
 
-Where = Literal["local", "remote"]
+# remote: a prefill worker, then a KV transfer; local: on the decode replica; lent: the
+# whole request on a prefill replica (decode lent to the prefill pool).
+Where = Literal["local", "remote", "lent"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class PrefillPlanInput:
     decode_running: int = 0  # streams that replica is decoding
     remote_prefill_s: float | None = None  # the prefill router's prediction (queue + compute)
     prompt_chars: int = 0  # what prompt_tokens was estimated from
+    prefill_running: int | None = None  # requests the least busy prefill replica runs
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,10 @@ class PrefillDecider:
         interference: float = 0.5,
         min_samples: int = 8,
         alpha: float = 0.2,
+        lend_decode_at: int = 0,
     ):
         self.mode = mode
+        self.lend_decode_at = lend_decode_at
         self.threshold_tokens = threshold_tokens
         self.interference = interference
         self.min_samples = min_samples
@@ -90,6 +100,8 @@ class PrefillDecider:
     # -- deciding
 
     def decide(self, plan: PrefillPlanInput) -> Decision:
+        if self.lends(plan):
+            return Decision("lent", "decode_busy")
         uncached = max(0, plan.prompt_tokens - plan.decode_cached_tokens)
         if self.mode == "always":
             return Decision("remote", "always")
@@ -102,6 +114,17 @@ class PrefillDecider:
             return Decision("local", "cached_on_decode" if plan.decode_cached_tokens else "cheaper_local",
                             remote_s, local_s)
         return Decision("remote", "cheaper_remote", remote_s, local_s)
+
+    def lends(self, plan: PrefillPlanInput) -> bool:
+        """Whether the request runs whole on a prefill replica: the decode pool is at the
+        lending mark and a prefill replica is less busy (so lending evens the streams out
+        and stops once the prefill replicas are as busy as decode)."""
+        return (
+            self.lend_decode_at > 0
+            and plan.decode_running >= self.lend_decode_at
+            and plan.prefill_running is not None
+            and plan.prefill_running < plan.decode_running
+        )
 
     def calibrated(self) -> bool:
         return min(self.prefill_s_per_token.samples, self.transfer_s_per_token.samples) >= self.min_samples

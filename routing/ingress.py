@@ -399,12 +399,13 @@ class Ingress:
         traced = self.settings.tracing
         self._tracer = tracing.make_tracer(traced.service_name, traced.otlp_endpoint) if traced.enabled else None
         disagg = self.settings.routing.disaggregation
-        self.decider = PrefillDecider(disagg.mode, disagg.threshold_tokens, disagg.interference, disagg.min_samples)
+        self.decider = PrefillDecider(disagg.mode, disagg.threshold_tokens, disagg.interference, disagg.min_samples,
+                                      lend_decode_at=disagg.lend_decode_at)
         self.orchestrator = Orchestrator(
             self.mode, prefill=self.prefill, decode=self.decode, colocated=self.colocated,
             recompute_on_prefill_failure=self.settings.routing.recompute_on_prefill_failure,
             prefill_alive=self._prefill_alive, decider=self.decider,
-            plan_input=self._plan_input if disagg.mode != "always" else None,
+            plan_input=self._plan_input if disagg.mode != "always" or disagg.lend_decode_at else None,
         )
         self._models_cache: dict[str, Any] | None = None
         planner = self.settings.planner
@@ -702,7 +703,8 @@ class Ingress:
         prefill = serve_router.router_for(self.settings.app_name, self._first_pool)
         predicted = prefill.best_predicted_ttft_s(tokens) if prefill is not None else None
         cached = min(tokens, self.decider.tokens_for(held_chars)) if held_chars else 0
-        return PrefillPlanInput(tokens, cached, running, predicted, chars)
+        prefill_running = prefill.least_running() if prefill is not None else None
+        return PrefillPlanInput(tokens, cached, running, predicted, chars, prefill_running)
 
     def _prefill_alive(self) -> bool:
         """Whether the prefill pool has a replica (unknown counts as yes)."""

@@ -111,7 +111,8 @@ TTFT_PARTS = {
 PREFILL_DECISIONS = Counter(
     "tandem:prefill_decisions",
     "Where each disaggregated request's prompt was prefilled (remote: a prefill worker, then a "
-    "KV transfer; local: on its decode worker), and why.",
+    "KV transfer; local: on its decode worker; lent: the whole request on a prefill worker, "
+    "decode lent to the prefill pool), and why.",
     ["where", "reason"],
 )
 ROUTER_DECISIONS = Counter(

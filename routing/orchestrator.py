@@ -280,6 +280,11 @@ class Orchestrator:
             return _timed(decode_pool.stream(endpoint, body), timing.engine_call)
         plan = self.plan_input(endpoint, body) if self.plan_input is not None else None
         decision = self.decider.decide(plan) if plan is not None else None
+        if decision is not None and decision.where == "lent":
+            # Decode lent to the prefill pool: a prefill replica answers the whole request,
+            # as a colocated engine would (no handoff, the prompt's part its own).
+            metrics.PREFILL_DECISIONS.labels("lent", decision.reason).inc()
+            return _timed(prefill_pool.stream(endpoint, body), timing.engine_call)
         if decision is not None and decision.where == "local":
             assert plan is not None
             metrics.PREFILL_DECISIONS.labels("local", decision.reason).inc()

@@ -200,6 +200,10 @@ class TandemRequestRouter(RequestRouter):
     def replica_count(self) -> int:
         return len(self.curr_replicas)
 
+    def least_running(self) -> int | None:
+        """Requests in flight on the pool's least busy healthy replica (None: none known)."""
+        return min((load.running for load in self._load_view.values() if load.healthy), default=None)
+
     def decode_view(self, body: dict[str, Any]) -> tuple[int, int]:
         """For the decode pool, before a request is placed: (the characters of its prompt
         that the replica it would go to holds in its prefix cache, the streams that replica

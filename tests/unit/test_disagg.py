@@ -71,3 +71,31 @@ def test_prompt_length_is_learned_from_real_counts():
     for _ in range(20):
         decider.observe_prompt(500, 100)
     assert decider.tokens_for(400) == pytest.approx(80, abs=2)
+
+
+# ---- decode lent to the prefill pool (lend_decode_at) -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["always", "threshold", "cost_model"])
+@pytest.mark.parametrize(("decode_running", "prefill_running", "where"), [
+    (8, 0, "lent"),  # decode at the mark, the prefill replica idle: the whole request goes there
+    (8, 7, "lent"),
+    (8, 8, None),  # as busy as decode: lending would only move the queue
+    (7, 0, None),  # decode below the mark
+    (8, None, None),  # the prefill pool's load unknown (no replica seen yet)
+])
+def test_decode_is_lent_to_a_less_busy_prefill_replica_only_at_the_mark(mode, decode_running, prefill_running,
+                                                                       where):
+    decider = _calibrated(lend_decode_at=8) if mode == "cost_model" else PrefillDecider(mode, lend_decode_at=8)
+    plan = PrefillPlanInput(prompt_tokens=40, decode_running=decode_running, prefill_running=prefill_running)
+    decision = decider.decide(plan)
+    if where == "lent":
+        assert (decision.where, decision.reason) == ("lent", "decode_busy")
+    else:
+        assert decision.where != "lent"
+        assert decision == PrefillDecider(mode).decide(plan) or mode == "cost_model"
+
+
+def test_lending_is_off_by_default():
+    plan = PrefillPlanInput(prompt_tokens=40, decode_running=500, prefill_running=0)
+    assert PrefillDecider("always").decide(plan).where == "remote"

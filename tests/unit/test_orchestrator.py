@@ -9,13 +9,14 @@ from typing import Any
 
 from routing.orchestrator import (
     NO_PREFILL_REPLICA,
+    Orchestrator,
     PrefillOutcome,
     decode_body,
     prefill_body,
     run_prefill,
     run_prefill_watched,
 )
-from workers.engine import ERROR, RESPONSE, WorkerReply
+from workers.engine import CHUNK, ERROR, RESPONSE, WorkerReply
 
 
 class ScriptedPool:
@@ -45,6 +46,20 @@ def test_prefill_body_asks_for_one_token_and_remote_decode():
     assert BODY["max_tokens"] == 50  # the client's body is not mutated
     assert "tandem_slo_class" not in out["kv_transfer_params"]
     assert prefill_body(BODY, "relaxed")["kv_transfer_params"]["tandem_slo_class"] == "relaxed"
+
+
+async def test_a_lent_request_runs_whole_on_the_prefill_pool():
+    from routing.disagg import PrefillDecider, PrefillPlanInput
+
+    chunks = [WorkerReply(CHUNK, 'data: {"choices": []}\n\n'), WorkerReply(CHUNK, "data: [DONE]\n\n")]
+    prefill, decode = ScriptedPool(*chunks), ScriptedPool(*chunks)
+    busy = PrefillPlanInput(prompt_tokens=10, decode_running=4, prefill_running=1)
+    orchestrator = Orchestrator("disaggregated", prefill=prefill, decode=decode,
+                                decider=PrefillDecider("always", lend_decode_at=4), plan_input=lambda *_: busy)
+    replies = [r async for r in await orchestrator.start("chat", BODY)]
+    assert [r.body for r in replies] == [c.body for c in chunks]
+    # The client's body as it is: no one-token prefill, no KV handoff, nothing on decode.
+    assert prefill.bodies == [BODY] and not decode.bodies
 
 
 async def test_prefill_ok_hands_params_to_decode():
@@ -124,7 +139,6 @@ async def test_cancelled_request_closes_the_prefill_stream():
 # ---- batched prompts ---------------------------------------------------------------------
 
 from routing.merge import batch_prompts, merge_responses, run_batch, split_batch  # noqa: E402
-from workers.engine import CHUNK  # noqa: E402
 
 
 def test_only_a_list_of_prompts_is_a_batch():
