@@ -192,10 +192,13 @@ class DisaggregationSettings(_Strict):
     min_samples: int = Field(8, ge=1)
     # Decode lent to the prefill pool by routing alone (every engine's connector is
     # kv_both, so no restart): while the least busy decode replica is decoding at least
-    # this many streams and a prefill replica runs fewer requests than that, a request runs
-    # whole (prefill and decode) on a prefill replica. It bridges a shift toward long
-    # answers until the planner's new decode engine is up. 0: off. Any mode.
+    # this many streams, a prefill replica runs fewer requests than that, and the prefill
+    # pool has at most lend_max_queued_tokens prompt tokens routed to it and not yet
+    # prefilled (on its least loaded replica), a request runs whole (prefill and decode) on
+    # a prefill replica. It bridges a shift toward long answers until the planner's new
+    # decode engine is up. 0: off. Any mode.
     lend_decode_at: int = Field(0, ge=0)
+    lend_max_queued_tokens: int = Field(512, ge=0)
 
 
 class RoutingSettings(_Strict):

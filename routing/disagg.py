@@ -22,8 +22,9 @@ Three modes (``routing.disaggregation.mode``):
   measured, the cost model decides as ``threshold`` does.
 
 Independently of the mode, ``lend_decode_at`` lends decode to the prefill pool: while the
-least busy decode replica runs at least that many streams and a prefill replica runs fewer
-requests, the request runs whole on a prefill replica (every engine's connector is kv_both,
+least busy decode replica runs at least that many streams, a prefill replica runs fewer
+requests and the prefill pool has at most ``lend_max_queued_tokens`` prompt tokens queued
+(little prefill work), the request runs whole on a prefill replica (every engine's connector is kv_both,
 so an engine serves either phase by routing alone, without a restart).
 
 The decode replica's cache is read from the decode router's session memory: a conversation
@@ -54,6 +55,7 @@ class PrefillPlanInput:
     remote_prefill_s: float | None = None  # the prefill router's prediction (queue + compute)
     prompt_chars: int = 0  # what prompt_tokens was estimated from
     prefill_running: int | None = None  # requests the least busy prefill replica runs
+    prefill_queued_tokens: int | None = None  # prompt tokens queued on the least loaded one
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,11 @@ class PrefillDecider:
         min_samples: int = 8,
         alpha: float = 0.2,
         lend_decode_at: int = 0,
+        lend_max_queued_tokens: int = 512,
     ):
         self.mode = mode
         self.lend_decode_at = lend_decode_at
+        self.lend_max_queued_tokens = lend_max_queued_tokens
         self.threshold_tokens = threshold_tokens
         self.interference = interference
         self.min_samples = min_samples
@@ -117,13 +121,17 @@ class PrefillDecider:
 
     def lends(self, plan: PrefillPlanInput) -> bool:
         """Whether the request runs whole on a prefill replica: the decode pool is at the
-        lending mark and a prefill replica is less busy (so lending evens the streams out
-        and stops once the prefill replicas are as busy as decode)."""
+        lending mark, a prefill replica is less busy (so lending evens the streams out and
+        stops once the prefill replicas are as busy as decode), and the prefill pool has
+        little prefill work queued (a prefill engine busy with long prompts would stall the
+        lent streams, and they would slow its prefills)."""
         return (
             self.lend_decode_at > 0
             and plan.decode_running >= self.lend_decode_at
             and plan.prefill_running is not None
             and plan.prefill_running < plan.decode_running
+            and plan.prefill_queued_tokens is not None
+            and plan.prefill_queued_tokens <= self.lend_max_queued_tokens
         )
 
     def calibrated(self) -> bool:

@@ -400,7 +400,8 @@ class Ingress:
         self._tracer = tracing.make_tracer(traced.service_name, traced.otlp_endpoint) if traced.enabled else None
         disagg = self.settings.routing.disaggregation
         self.decider = PrefillDecider(disagg.mode, disagg.threshold_tokens, disagg.interference, disagg.min_samples,
-                                      lend_decode_at=disagg.lend_decode_at)
+                                      lend_decode_at=disagg.lend_decode_at,
+                                      lend_max_queued_tokens=disagg.lend_max_queued_tokens)
         self.orchestrator = Orchestrator(
             self.mode, prefill=self.prefill, decode=self.decode, colocated=self.colocated,
             recompute_on_prefill_failure=self.settings.routing.recompute_on_prefill_failure,
@@ -703,8 +704,8 @@ class Ingress:
         prefill = serve_router.router_for(self.settings.app_name, self._first_pool)
         predicted = prefill.best_predicted_ttft_s(tokens) if prefill is not None else None
         cached = min(tokens, self.decider.tokens_for(held_chars)) if held_chars else 0
-        prefill_running = prefill.least_running() if prefill is not None else None
-        return PrefillPlanInput(tokens, cached, running, predicted, chars, prefill_running)
+        prefill_running, queued = prefill.least_busy() if prefill is not None else (None, None)
+        return PrefillPlanInput(tokens, cached, running, predicted, chars, prefill_running, queued)
 
     def _prefill_alive(self) -> bool:
         """Whether the prefill pool has a replica (unknown counts as yes)."""

@@ -200,9 +200,13 @@ class TandemRequestRouter(RequestRouter):
     def replica_count(self) -> int:
         return len(self.curr_replicas)
 
-    def least_running(self) -> int | None:
-        """Requests in flight on the pool's least busy healthy replica (None: none known)."""
-        return min((load.running for load in self._load_view.values() if load.healthy), default=None)
+    def least_busy(self) -> tuple[int | None, int | None]:
+        """Over the pool's healthy replicas: (the fewest requests in flight on one, the
+        fewest prompt tokens queued for prefill on one); None where none is known."""
+        loads = [load for load in self._load_view.values() if load.healthy]
+        if not loads:
+            return None, None
+        return min(load.running for load in loads), min(load.queued_prefill_tokens for load in loads)
 
     def decode_view(self, body: dict[str, Any]) -> tuple[int, int]:
         """For the decode pool, before a request is placed: (the characters of its prompt

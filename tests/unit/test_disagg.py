@@ -77,17 +77,19 @@ def test_prompt_length_is_learned_from_real_counts():
 
 
 @pytest.mark.parametrize("mode", ["always", "threshold", "cost_model"])
-@pytest.mark.parametrize(("decode_running", "prefill_running", "where"), [
-    (8, 0, "lent"),  # decode at the mark, the prefill replica idle: the whole request goes there
-    (8, 7, "lent"),
-    (8, 8, None),  # as busy as decode: lending would only move the queue
-    (7, 0, None),  # decode below the mark
-    (8, None, None),  # the prefill pool's load unknown (no replica seen yet)
+@pytest.mark.parametrize(("decode_running", "prefill_running", "queued", "where"), [
+    (8, 0, 0, "lent"),  # decode at the mark, the prefill replica idle: the whole request goes there
+    (8, 7, 512, "lent"),
+    (8, 8, 0, None),  # as busy as decode: lending would only move the queue
+    (7, 0, 0, None),  # decode below the mark
+    (8, None, None, None),  # the prefill pool's load unknown (no replica seen yet)
+    (8, 0, 1500, None),  # a long prompt queued on prefill: lent streams would stall behind it
 ])
-def test_decode_is_lent_to_a_less_busy_prefill_replica_only_at_the_mark(mode, decode_running, prefill_running,
-                                                                       where):
+def test_decode_is_lent_to_an_idle_prefill_replica_only_at_the_mark(mode, decode_running, prefill_running,
+                                                                    queued, where):
     decider = _calibrated(lend_decode_at=8) if mode == "cost_model" else PrefillDecider(mode, lend_decode_at=8)
-    plan = PrefillPlanInput(prompt_tokens=40, decode_running=decode_running, prefill_running=prefill_running)
+    plan = PrefillPlanInput(prompt_tokens=40, decode_running=decode_running, prefill_running=prefill_running,
+                            prefill_queued_tokens=queued)
     decision = decider.decide(plan)
     if where == "lent":
         assert (decision.where, decision.reason) == ("lent", "decode_busy")
@@ -97,5 +99,5 @@ def test_decode_is_lent_to_a_less_busy_prefill_replica_only_at_the_mark(mode, de
 
 
 def test_lending_is_off_by_default():
-    plan = PrefillPlanInput(prompt_tokens=40, decode_running=500, prefill_running=0)
+    plan = PrefillPlanInput(prompt_tokens=40, decode_running=500, prefill_running=0, prefill_queued_tokens=0)
     assert PrefillDecider("always").decide(plan).where == "remote"

@@ -53,7 +53,7 @@ async def test_a_lent_request_runs_whole_on_the_prefill_pool():
 
     chunks = [WorkerReply(CHUNK, 'data: {"choices": []}\n\n'), WorkerReply(CHUNK, "data: [DONE]\n\n")]
     prefill, decode = ScriptedPool(*chunks), ScriptedPool(*chunks)
-    busy = PrefillPlanInput(prompt_tokens=10, decode_running=4, prefill_running=1)
+    busy = PrefillPlanInput(prompt_tokens=10, decode_running=4, prefill_running=1, prefill_queued_tokens=0)
     orchestrator = Orchestrator("disaggregated", prefill=prefill, decode=decode,
                                 decider=PrefillDecider("always", lend_decode_at=4), plan_input=lambda *_: busy)
     replies = [r async for r in await orchestrator.start("chat", BODY)]
