@@ -192,7 +192,8 @@ class DisaggregationSettings(_Strict):
     min_samples: int = Field(8, ge=1)
     # Decode lent to the prefill pool by routing alone (every engine's connector is
     # kv_both, so no restart): while the least busy decode replica is decoding at least
-    # this many streams, a prefill replica runs fewer requests than that, and the prefill
+    # this many streams, a prefill replica runs fewer requests than that (and under half
+    # its prefill.max_ongoing_requests, kept for prefills), and the prefill
     # pool has at most lend_max_queued_tokens prompt tokens routed to it and not yet
     # prefilled (on its least loaded replica), a request runs whole (prefill and decode) on
     # a prefill replica. It bridges a shift toward long answers until the planner's new

@@ -23,9 +23,11 @@ Three modes (``routing.disaggregation.mode``):
 
 Independently of the mode, ``lend_decode_at`` lends decode to the prefill pool: while the
 least busy decode replica runs at least that many streams, a prefill replica runs fewer
-requests and the prefill pool has at most ``lend_max_queued_tokens`` prompt tokens queued
-(little prefill work), the request runs whole on a prefill replica (every engine's connector is kv_both,
-so an engine serves either phase by routing alone, without a restart).
+requests (and under half its Serve slots, ``max_ongoing_requests``, so prefills always
+find one), and the prefill pool has at most ``lend_max_queued_tokens`` prompt tokens
+queued (little prefill work), the request runs whole on a prefill replica. Every engine's
+connector is kv_both, so an engine serves either phase by routing alone, without a
+restart.
 
 The decode replica's cache is read from the decode router's session memory: a conversation
 whose earlier turns that replica decoded has them in its prefix cache, so only the new turn
@@ -76,10 +78,12 @@ class PrefillDecider:
         alpha: float = 0.2,
         lend_decode_at: int = 0,
         lend_max_queued_tokens: int = 512,
+        lend_prefill_slots: int = 8,
     ):
         self.mode = mode
         self.lend_decode_at = lend_decode_at
         self.lend_max_queued_tokens = lend_max_queued_tokens
+        self.lend_prefill_slots = lend_prefill_slots  # requests a prefill replica may run for lending
         self.threshold_tokens = threshold_tokens
         self.interference = interference
         self.min_samples = min_samples
@@ -122,14 +126,15 @@ class PrefillDecider:
     def lends(self, plan: PrefillPlanInput) -> bool:
         """Whether the request runs whole on a prefill replica: the decode pool is at the
         lending mark, a prefill replica is less busy (so lending evens the streams out and
-        stops once the prefill replicas are as busy as decode), and the prefill pool has
+        stops once the prefill replicas are as busy as decode) and has a slot to spare
+        (prefills must never wait for one behind lent streams), and the prefill pool has
         little prefill work queued (a prefill engine busy with long prompts would stall the
         lent streams, and they would slow its prefills)."""
         return (
             self.lend_decode_at > 0
             and plan.decode_running >= self.lend_decode_at
             and plan.prefill_running is not None
-            and plan.prefill_running < plan.decode_running
+            and plan.prefill_running < min(plan.decode_running, self.lend_prefill_slots)
             and plan.prefill_queued_tokens is not None
             and plan.prefill_queued_tokens <= self.lend_max_queued_tokens
         )

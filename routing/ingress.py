@@ -401,7 +401,9 @@ class Ingress:
         disagg = self.settings.routing.disaggregation
         self.decider = PrefillDecider(disagg.mode, disagg.threshold_tokens, disagg.interference, disagg.min_samples,
                                       lend_decode_at=disagg.lend_decode_at,
-                                      lend_max_queued_tokens=disagg.lend_max_queued_tokens)
+                                      lend_max_queued_tokens=disagg.lend_max_queued_tokens,
+                                      # Half the prefill replicas' Serve slots stay for prefills.
+                                      lend_prefill_slots=self.settings.prefill.max_ongoing_requests // 2)
         self.orchestrator = Orchestrator(
             self.mode, prefill=self.prefill, decode=self.decode, colocated=self.colocated,
             recompute_on_prefill_failure=self.settings.routing.recompute_on_prefill_failure,
@@ -755,7 +757,8 @@ class Ingress:
                 # answer.
                 log.warning("%s stream from the worker ended before [DONE] after %d chunk(s)", endpoint, chunks)
                 status = "502"
-                yield _sse_error(error_body(502, "the worker's stream ended before the answer was finished", code="incomplete_stream"))
+                yield _sse_error(error_body(502, "the worker's stream ended before the answer was finished",
+                                            code="incomplete_stream"))
         except asyncio.CancelledError:
             status = "499"
             metrics.CLIENT_DISCONNECTS.inc()

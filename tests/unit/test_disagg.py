@@ -101,3 +101,11 @@ def test_decode_is_lent_to_an_idle_prefill_replica_only_at_the_mark(mode, decode
 def test_lending_is_off_by_default():
     plan = PrefillPlanInput(prompt_tokens=40, decode_running=500, prefill_running=0, prefill_queued_tokens=0)
     assert PrefillDecider("always").decide(plan).where == "remote"
+
+
+def test_lending_leaves_the_prefill_replicas_slots_for_prefills():
+    decider = PrefillDecider("always", lend_decode_at=4, lend_prefill_slots=8)
+    plan = PrefillPlanInput(prompt_tokens=40, decode_running=60, prefill_running=7, prefill_queued_tokens=0)
+    assert decider.decide(plan).where == "lent"
+    full = PrefillPlanInput(prompt_tokens=40, decode_running=60, prefill_running=8, prefill_queued_tokens=0)
+    assert decider.decide(full).where == "remote"
