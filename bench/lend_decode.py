@@ -11,9 +11,9 @@ Each round sends the same load to one of them. Two workloads:
   ``--max-tokens`` answers each (``ignore_eos``), ``--requests`` in all; the prefill
   engine is mostly idle, which is what lending puts to work;
 - ``answers+documents``: the same, while long-document prompts (~1,500 tokens, one token
-  each) arrive every ``--document-every`` seconds: the prefill engine is busy, and lending must hold back
-  (lent streams would stall behind the documents' prefills). The documents' TTFT is what
-  lending costs prefills.
+  each) arrive every ``--document-every`` seconds. Lending holds back while a document is
+  queued, but a stream lent before one arrives shares the prefill engine with it: the
+  answers' throughput and the documents' TTFT show what each side pays.
 
 Rounds alternate off, lend, off, lend... so both see the same machine; the prefix caches
 are emptied before each.
