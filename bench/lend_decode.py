@@ -20,7 +20,8 @@ are emptied before each.
 
 Reported per (workload, configuration), medians over the rounds: the streams' TPOT p50/p90,
 their TTFT p50/p90, the answer tokens per second of the whole load, the documents' TTFT
-p50, and the share of the streams lent (from the ingress's ``tandem:prefill_decisions``).
+p50, and the requests lent (documents included) per stream of the load (from the
+ingress's ``tandem:prefill_decisions``).
 
     python -m bench.lend_decode [--rounds 2] [--concurrency 8] [--requests 24]
 
