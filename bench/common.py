@@ -71,3 +71,15 @@ def local_serve(port: int) -> Iterator[tuple[str, str]]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def grouped_bars(axis: Any, rows: list[dict[str, Any]], key: str, groups: list[str], configs: list[str],
+                 group_key: str = "workload", colors: list[str] | None = None) -> None:
+    """One bar per configuration in each group (e.g. per workload), side by side: ``key`` of
+    the row whose ``group_key`` is the group and ``config`` the configuration."""
+    width = 0.8 / len(configs)
+    for i, config in enumerate(configs):
+        values = [next(r[key] for r in rows if r[group_key] == g and r["config"] == config) for g in groups]
+        offsets = [x + (i - (len(configs) - 1) / 2) * width for x in range(len(groups))]
+        axis.bar(offsets, values, width, label=config, color=colors[i] if colors else None)
+    axis.set_xticks(range(len(groups)), groups, fontsize=8)

@@ -34,7 +34,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from bench.common import RESULTS, local_serve, markdown_table, write_results
+from bench.common import RESULTS, grouped_bars, local_serve, markdown_table, write_results
 from bench.pd_n_samples import prompt_of
 
 console = Console()
@@ -192,13 +192,9 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    width = 0.2
     for axis, (key, label) in zip(axes, (("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p90_s", "TTFT p90 (s)"),
                                          ("tpot_p50_s", "TPOT p50 per stream (s)")), strict=True):
-        for i, config in enumerate(CONFIGS):
-            values = [next(r[key] for r in rows if r["workload"] == w and r["config"] == config) for w in WORKLOADS]
-            axis.bar([x + (i - 1.5) * width for x in range(len(WORKLOADS))], values, width, label=config)
-        axis.set_xticks(range(len(WORKLOADS)), WORKLOADS)
+        grouped_bars(axis, rows, key, WORKLOADS, CONFIGS)
         axis.set_title(label)
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend()

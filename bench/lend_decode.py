@@ -42,7 +42,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from bench.common import RESULTS, local_serve, markdown_table, write_results
+from bench.common import RESULTS, grouped_bars, local_serve, markdown_table, write_results
 from bench.conditional_disagg import _decisions, _percentile
 from bench.pd_n_samples import prompt_of
 
@@ -227,12 +227,8 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     panels = (("tpot_p50_s", "stream TPOT p50 (s)"), ("tokens_per_s", "answer tokens / s"),
               ("ttft_p50_s", "stream TTFT p50 (s)"), ("probe_ttft_p50_s", "document TTFT p50 (s)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8))
-    width = 0.38
     for axis, (key, label) in zip(axes, panels, strict=True):
-        for i, (config, color) in enumerate(zip(CONFIGS, ("tab:gray", "tab:green"), strict=True)):
-            values = [next(r[key] for r in rows if r["workload"] == w and r["config"] == config) for w in WORKLOADS]
-            axis.bar([x + (i - 0.5) * width for x in range(len(WORKLOADS))], values, width, label=config, color=color)
-        axis.set_xticks(range(len(WORKLOADS)), WORKLOADS, fontsize=8)
+        grouped_bars(axis, rows, key, WORKLOADS, CONFIGS, colors=["tab:gray", "tab:green"])
         axis.set_title(label)
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend()
