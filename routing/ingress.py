@@ -707,7 +707,9 @@ class Ingress:
         predicted = prefill.best_predicted_ttft_s(tokens) if prefill is not None else None
         cached = min(tokens, self.decider.tokens_for(held_chars)) if held_chars else 0
         prefill_running, queued = prefill.least_busy() if prefill is not None else (None, None)
-        return PrefillPlanInput(tokens, cached, running, predicted, chars, prefill_running, queued)
+        return PrefillPlanInput(tokens, decode_cached_tokens=cached, decode_running=running,
+                                remote_prefill_s=predicted, prompt_chars=chars, prefill_running=prefill_running,
+                                prefill_queued_tokens=queued)
 
     def _prefill_alive(self) -> bool:
         """Whether the prefill pool has a replica (unknown counts as yes)."""
