@@ -121,8 +121,11 @@ def deploy_extra_app(settings) -> None:
 @pytest.fixture(scope="session")
 def cluster_env() -> dict:
     # The default app's KV requests are HMAC-authenticated, as a real cluster's should be.
+    # Its /health and /metrics are computed afresh on every read (status_cache_s 0; the
+    # default caches them for a second): a test that reads a counter just after a request
+    # sees that request.
     return {**os.environ, "TANDEM_PORT": str(TEST_PORT), "TANDEM_KV_CONNECTOR__TTL_S": str(TTL_S),
-            "TANDEM_KV_CONNECTOR__AUTH_SECRET": "test-cluster-kv-secret"}
+            "TANDEM_KV_CONNECTOR__AUTH_SECRET": "test-cluster-kv-secret", "TANDEM_ROUTING__STATUS_CACHE_S": "0"}
 
 
 @pytest.fixture(scope="session")

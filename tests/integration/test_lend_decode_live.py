@@ -32,7 +32,9 @@ def test_a_request_runs_whole_on_the_prefill_replica_while_decode_is_busy(cluste
     # The queued-prompt-tokens condition is the unit tests' (tests/unit/test_disagg.py); here
     # it is opened wide, so what earlier tests left queued on the prefill engine cannot
     # decide this one.
-    routing = base.routing.model_copy(update={"disaggregation": base.routing.disaggregation.model_copy(
+    # status_cache_s 0: the ingress's /metrics is collected afresh on every read (by default
+    # it is cached for a second, and a read just after a request could miss its decision).
+    routing = base.routing.model_copy(update={"status_cache_s": 0, "disaggregation": base.routing.disaggregation.model_copy(
         update={"lend_decode_at": 2, "lend_max_queued_tokens": 1 << 30})})
     settings = base.model_copy(update={"routing": routing, "route_prefix": PREFIX})
     prefill = serve.get_deployment_handle("PrefillWorker", app_name=APP)
