@@ -634,18 +634,30 @@ class Ingress:
         lease: _Lease, deadline: float, kv_profile: str | None, timing: Timing, span: tracing.RequestSpan | None,
         started: float, request_id: str, arrival: Arrival | None = None,
     ) -> tuple[Response, int, bool]:
+        limit = asyncio.timeout(deadline)
+        timed_out = OpenAIError(504, f"request timed out after {deadline:g}s")
+        replies = None
         try:
-            async with asyncio.timeout(deadline):
+            async with limit:
                 replies = await self.orchestrator.start(endpoint, body, RequestOptions(slo_class, kv_profile, timing))
                 first = await anext(replies, None)
         except TimeoutError:
-            raise OpenAIError(504, f"request timed out after {deadline:g}s") from None
+            raise timed_out from None
         except WORKER_ERRORS as exc:
+            if limit.expired():
+                # The deadline's cancellation, turned by Serve into its own error
+                # (RequestCancelledError): the deadline, not a failed worker.
+                raise timed_out from None
             # The worker replica died (or none is available) before the first chunk: 502/503,
             # as a proxy answers for its upstream, never the 500 of an ingress bug.
             log.warning("%s request failed before its first chunk: %r", endpoint, exc)
             worker = "decode worker" if self.mode == "disaggregated" else "worker"
             raise _worker_error(exc, worker) from None
+        if limit.expired():
+            # The call swallowed the deadline's cancellation and returned.
+            if replies is not None:
+                await replies.aclose()  # type: ignore[attr-defined]
+            raise timed_out
         if first is None:
             raise OpenAIError(502, "the decode worker returned nothing")
         if first.kind != CHUNK:
@@ -734,9 +746,10 @@ class Ingress:
         first_at = last_at = time.monotonic()
         chunks = 1
         finished = _ends_stream(first.body)
+        limit = asyncio.timeout(max(0.0, deadline - (time.monotonic() - started)))
         try:
             yield first.body
-            async with asyncio.timeout(max(0.0, deadline - (time.monotonic() - started))):
+            async with limit:
                 async for reply in rest:
                     if self._drain.expired():
                         # The drain's grace is over: end the stream cleanly before the app
@@ -753,6 +766,9 @@ class Ingress:
                         status = str(reply.status)
                         yield _sse_error(from_engine_error(reply.body, reply.status).body())
                         return
+            if limit.expired():
+                # The worker's stream swallowed the deadline's cancellation and ended.
+                raise TimeoutError
             if not finished:
                 # The worker's stream stopped without vLLM's [DONE] (its engine request was
                 # aborted under it): the client must not take the text so far for a whole
@@ -765,20 +781,22 @@ class Ingress:
             status = "499"
             metrics.CLIENT_DISCONNECTS.inc()
             raise
-        except TimeoutError as exc:
-            if time.monotonic() - started < deadline:
+        except Exception as exc:  # noqa: BLE001 - a dead worker must end the stream cleanly
+            if limit.expired():
+                # This request's deadline: asyncio's TimeoutError, or the cancellation as Serve
+                # re-raised it (RequestCancelledError).
+                status = "504"
+                yield _sse_error(error_body(504, "request timed out"))
+            elif isinstance(exc, TimeoutError):
                 # Not this request's deadline: a TimeoutError raised by the worker or Ray
                 # (RayTaskError is also an instance of its cause's type). A failed worker.
                 log.warning("stream from the worker raised %r before the request's deadline", exc)
                 status = "502"
                 yield _sse_error(error_body(502, f"worker failed: {type(exc).__name__}"))
             else:
-                status = "504"
-                yield _sse_error(error_body(504, "request timed out"))
-        except Exception as exc:  # noqa: BLE001 - a dead worker must end the stream cleanly
-            log.warning("stream from decode worker failed: %r", exc)
-            status = "502"
-            yield _sse_error(error_body(502, f"decode worker failed: {type(exc).__name__}"))
+                log.warning("stream from decode worker failed: %r", exc)
+                status = "502"
+                yield _sse_error(error_body(502, f"decode worker failed: {type(exc).__name__}"))
         finally:
             await rest.aclose()  # type: ignore[attr-defined]
             metrics.count_request(path, status)

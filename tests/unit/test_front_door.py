@@ -15,7 +15,7 @@ import httpx
 import pytest
 import ray.serve
 from ray.exceptions import ActorDiedError, RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from control_plane.settings import TandemSettings
 from routing import admission, auth, metrics
@@ -36,9 +36,12 @@ PREFILLED = {"id": "p1", "object": "chat.completion", "created": 1, "model": MOD
 class FakeStream:
     """What a streaming Serve handle call returns: an async iterator with cancel()."""
 
-    def __init__(self, replies: list[WorkerReply], error: BaseException | None):
+    def __init__(self, replies: list[WorkerReply], error: BaseException | None, stalls: bool = False,
+                 on_cancel: BaseException | None = None):
         self._replies = list(replies)
         self._error = error
+        self._stalls = stalls
+        self._on_cancel = on_cancel
         self.cancelled = False
 
     def __aiter__(self) -> FakeStream:
@@ -48,6 +51,15 @@ class FakeStream:
         await asyncio.sleep(0)
         if self._replies:
             return self._replies.pop(0)
+        if self._stalls:
+            # A worker that sends nothing more; cancelled, it raises ``on_cancel`` (as Serve's
+            # RequestCancelledError) or, without one, swallows the cancellation and ends.
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if self._on_cancel is not None:
+                    raise self._on_cancel from None
+                raise StopAsyncIteration from None
         if self._error is not None:
             raise self._error
         raise StopAsyncIteration
@@ -62,6 +74,8 @@ class FakeHandle:
 
     replies: list[WorkerReply] = field(default_factory=list)
     error: BaseException | None = None  # raised after the replies
+    stalls: bool = False  # after the replies, nothing more until cancelled (see FakeStream)
+    on_cancel: BaseException | None = None
     health_error: BaseException | None = None
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     health_checks: int = 0
@@ -73,7 +87,7 @@ class FakeHandle:
     def generate(self) -> SimpleNamespace:
         def remote(endpoint: str, body: dict[str, Any]) -> FakeStream:
             self.calls.append((endpoint, body))
-            return FakeStream(self.replies, self.error)
+            return FakeStream(self.replies, self.error, self.stalls, self.on_cancel)
 
         return SimpleNamespace(remote=remote)
 
@@ -249,6 +263,30 @@ async def test_a_decode_replica_failing_mid_stream_ends_the_stream_with_an_error
     response = await client.post(CHAT, json=_chat(stream=True))
     assert response.status_code == 200
     assert "decode worker failed: ActorDiedError" in response.text and response.text.endswith("data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("on_cancel", [RequestCancelledError("r1"), None], ids=["serve_error", "swallowed"])
+async def test_the_deadline_ends_a_stalled_stream_with_a_504_event_however_the_worker_takes_the_cancellation(
+        front_door, on_cancel):
+    prefill = FakeHandle([WorkerReply(RESPONSE, PREFILLED)])
+    decode = FakeHandle([WorkerReply(CHUNK, 'data: {"choices": []}\n\n')], stalls=True, on_cancel=on_cancel)
+    client = await front_door({}, prefill=prefill, decode=decode)
+    response = await client.post(CHAT, json=_chat(stream=True), headers={ingress_module.TIMEOUT_HEADER: "0.3"})
+    assert response.status_code == 200
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["type"] == "timeout_error" and error["message"] == "request timed out", error
+
+
+@pytest.mark.parametrize("on_cancel", [RequestCancelledError("r1"), None], ids=["serve_error", "swallowed"])
+async def test_the_deadline_before_the_first_chunk_is_a_504_however_the_worker_takes_the_cancellation(
+        front_door, on_cancel):
+    colocated = FakeHandle(stalls=True, on_cancel=on_cancel)
+    client = await front_door({"mode": "colocated"}, colocated=colocated)
+    response = await client.post(CHAT, json=_chat(), headers={ingress_module.TIMEOUT_HEADER: "0.3"})
+    assert response.status_code == 504, response.text
+    assert _error(response)["type"] == "timeout_error" and "timed out after 0.3s" in _error(response)["message"]
 
 
 async def test_a_decode_stream_ending_before_done_ends_with_an_error_event_not_as_a_whole_answer(front_door):
