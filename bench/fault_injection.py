@@ -66,62 +66,62 @@ def wait_replaced(app_name: str, deployment: str, killed: str, count: int = 1, t
         timeout_s=max(1.0, deadline - time.monotonic()))
 
 
-def _is_engine_core(process: psutil.Process) -> bool:
-    """vLLM names its engine-core processes VLLM::EngineCore: in the command line, and the
-    kernel's 15-character process name ("VLLM::EngineCor"), which is checked too in case
-    one of them is not (yet) what the other says."""
-    try:
-        return process.name().startswith("VLLM::EngineCor") or "VLLM::EngineCore" in " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-
-
-def engine_core_pids(owner: str | None = None, parents: set[int] | None = None) -> set[int]:
-    """vLLM engine-core processes on this machine; with ``owner``, only those whose
-    parent's command line contains it (e.g. "ServeReplica:tandem:DecodeWorker"); with
-    ``parents``, only children of those pids."""
-    found = set()
-    for process in psutil.process_iter():
-        if not _is_engine_core(process):
-            continue
-        try:
-            parent = process.ppid()
-            if parents is not None and parent not in parents:
-                continue
-            if owner is not None and owner not in " ".join(psutil.Process(parent).cmdline()):
-                continue
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        found.add(process.pid)
-    return found
-
-
-def replica_pids(app_name: str, deployment: str, timeout_s: float = 180) -> set[int]:
-    """Process ids of ``deployment``'s replicas, as the workers report them (`describe`); a
-    handle call waits until a starting replica serves."""
+def _describe_replicas(app_name: str, deployment: str, timeout_s: float) -> dict[str, dict]:
+    """Each replica's own description (`describe`), by replica id; a handle call waits until
+    a starting replica serves."""
     from ray import serve
 
     handle = serve.get_deployment_handle(deployment, app_name=app_name)
     count = max(1, len(replica_actor_names(app_name, deployment)))
-    seen: dict[str, int] = {}
+    seen: dict[str, dict] = {}
     for _ in range(4 * count):  # the router spreads calls: a few reach every replica
         info = handle.describe.remote().result(timeout_s=timeout_s)
-        seen[info["replica_id"]] = int(info["pid"])
+        seen[info["replica_id"]] = info
         if len(seen) >= count:
             break
-    return set(seen.values())
+    return seen
+
+
+def replica_pids(app_name: str, deployment: str, timeout_s: float = 180) -> set[int]:
+    """Process ids of ``deployment``'s replicas, as the workers report them."""
+    return {int(info["pid"]) for info in _describe_replicas(app_name, deployment, timeout_s).values()}
 
 
 def replica_engine_pids(app_name: str, deployment: str, timeout_s: float = 180) -> set[int]:
-    """The engine-core processes of ``deployment``'s replicas, waiting (up to ``timeout_s``)
-    for a replica that is still starting to have spawned its engine."""
+    """The engine-core processes of ``deployment``'s replicas, as each replica reports them
+    (the pids vLLM's process manager started), waiting (up to ``timeout_s``) for a replica
+    that is still starting to have started its engine."""
     deadline = time.monotonic() + timeout_s
     while True:
-        parents = replica_pids(app_name, deployment, timeout_s=max(1.0, deadline - time.monotonic()))
-        engines = engine_core_pids(parents=parents) if parents else set()
+        replicas = _describe_replicas(app_name, deployment, timeout_s=max(1.0, deadline - time.monotonic()))
+        engines = {int(pid) for info in replicas.values() for pid in info.get("engine_pids") or []}
         if engines or time.monotonic() > deadline:
             return engines
         time.sleep(1)
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of ``pids`` that are still running (a zombie is not)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def describe_processes(pids: set[int]) -> list[str]:
+    """pid, parent, kernel name and command line of each of ``pids``: for failure messages."""
+    lines = []
+    for pid in sorted(pids):
+        try:
+            process = psutil.Process(pid)
+            lines.append(f"{pid} (parent {process.ppid()}, {process.name()!r}): {' '.join(process.cmdline())[:120]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess) as exc:
+            lines.append(f"{pid}: {type(exc).__name__}")
+    return lines
 
 
 def stop_redis() -> int:

@@ -81,6 +81,7 @@ class EngineWorker:
             "kv_connector": info.kv_connector if info else None,
             "cpu_cores": info.cpu_cores if info else [],
             "pid": info.pid if info else None,
+            "engine_pids": info.engine_pids if info else [],
             "node": self._host.node_host,
             # Where this worker's KV listener is reached (loopback on a single node).
             "kv_listener": self._host.kv_listener,

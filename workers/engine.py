@@ -78,6 +78,16 @@ class EngineHostInfo:
     kv_connector: str | None
     cpu_cores: list[int] = field(default_factory=list)
     pid: int = field(default_factory=os.getpid)
+    # The engine-core processes vLLM started for this engine (its children).
+    engine_pids: list[int] = field(default_factory=list)
+
+
+def engine_core_pids(engine: Any) -> list[int]:
+    """The pids of an AsyncLLM's engine-core processes, as its process manager started them
+    (vLLM's internals: empty where they are not what this vLLM has, or in-process engines)."""
+    resources = getattr(getattr(engine, "engine_core", None), "resources", None)
+    processes = getattr(getattr(resources, "engine_manager", None), "processes", None) or []
+    return [process.pid for process in processes if getattr(process, "pid", None)]
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -335,13 +345,15 @@ class EngineHost:
                 args.kv_transfer_config.kv_connector if args.kv_transfer_config else None
             ),
             cpu_cores=self._cores,
+            engine_pids=engine_core_pids(self.engine),
         )
         log.info(
-            "%s engine ready in %.1fs (cores %s, connector %s)",
+            "%s engine ready in %.1fs (cores %s, connector %s, engine core pid %s)",
             self.role,
             time.monotonic() - started,
             self._cores or "all",
             self.info.kv_connector,
+            self.info.engine_pids or "in-process",
         )
 
     async def wait_published(self, timeout_s: float, poll_s: float = 0.2) -> bool:

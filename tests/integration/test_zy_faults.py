@@ -56,10 +56,11 @@ def _wait_until_answered(url: str, body: dict, timeout_s: float = RECOVERY_TIMEO
 
 
 def test_decode_killed_mid_stream_ends_the_stream_cleanly(cluster):
-    # The engine core(s) of the replica about to be killed: its child processes.
+    # The engine core(s) of the replica about to be killed, as it reports them.
     engines_before = faults.replica_engine_pids(APP, "DecodeWorker")
-    assert engines_before, f"no engine core under the DecodeWorker replicas {faults.replica_pids(APP, 'DecodeWorker')}"
-    every_engine_before = faults.engine_core_pids()
+    assert engines_before and faults.running(engines_before) == engines_before, (
+        f"the DecodeWorker replicas {faults.replica_pids(APP, 'DecodeWorker')} report engine cores "
+        f"{sorted(engines_before)}: {faults.describe_processes(engines_before)}")
     body = _chat("Write a very long story about a lighthouse keeper.", max_tokens=600, ignore_eos=True, stream=True)
     events: list[str] = []
     killed_at = None
@@ -88,16 +89,15 @@ def test_decode_killed_mid_stream_ends_the_stream_cleanly(cluster):
     # The dead replica's engine-core process went with it (it notices its parent died within
     # seconds); its replacement brought its own.
     deadline = time.monotonic() + 60
-    while engines_before & faults.engine_core_pids() and time.monotonic() < deadline:
+    while faults.running(engines_before) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not engines_before & faults.engine_core_pids(), "the killed replica's engine core outlived it"
-    # The replacement serves (answered above, and Serve reports it running and healthy): it
-    # has an engine. Its engine process is not asserted by lineage: on clean CI machines a
-    # replacement's engine core was twice not found under the replica's pid although its
-    # logs show it running (not understood yet; see the session notes).
-    replacement = faults.replica_engine_pids(APP, "DecodeWorker", timeout_s=5)
+    assert not faults.running(engines_before), (
+        f"the killed replica's engine core outlived it: {faults.describe_processes(engines_before)}")
+    replacement = faults.replica_engine_pids(APP, "DecodeWorker")
+    assert replacement and not replacement & engines_before, (replacement, engines_before)
+    assert faults.running(replacement) == replacement, faults.describe_processes(replacement)
     print(f"decode kill: stream ended {ended_after:.1f}s after the kill, served again after {recovered:.1f}s; "
-          f"replacement engine processes found: {sorted(replacement - every_engine_before)}")
+          f"engine cores {sorted(engines_before)} -> {faults.describe_processes(replacement)}")
 
 
 async def _concurrent_chats(url: str, bodies: list[dict]) -> list[httpx.Response]:
