@@ -11,6 +11,7 @@ and leaves that app at one prefill and one decode replica."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 
@@ -23,6 +24,7 @@ from control_plane.redis_server import embedded_url
 from control_plane.state import list_workers
 from kv_transport.contract import PARAMS_KEY, PrefillAsk
 from tests.conftest import MODEL, NIXL_APP, NIXL_PREFILL_REPLICAS, NIXL_TTL_S, metric_samples
+from workers.deployments import HEARTBEAT_PERIOD_S
 
 START_TIMEOUT_S = 300
 
@@ -147,10 +149,47 @@ def _decode_running() -> dict[str, int]:
     return {w["replica_id"]: int(w.get("stats", {}).get("running", 0)) for w in workers if w.get("role") == "decode"}
 
 
+def _decode_requests() -> dict[str, int]:
+    """Requests each running decode replica of the app has served, from their heartbeats."""
+    running = {name.rsplit("#", 1)[-1] for name in faults.replica_actor_names(NIXL_APP, "DecodeWorker")}
+    try:
+        workers = list_workers(embedded_url(), NIXL_APP)
+    except redis.RedisError:
+        return {}
+    return {w["replica_id"]: int(w.get("stats", {}).get("requests_total", 0)) for w in workers
+            if w.get("role") == "decode" and w["replica_id"] in running}
+
+
+def _until_the_ingress_routes_to_every_decode_replica(url: str, replicas: int, timeout_s: float) -> None:
+    """Short chats, two at a time, until every decode replica has served one: Serve reports
+    a new replica RUNNING before the ingress's router has it among its candidates."""
+    def all_served() -> bool:
+        served = _decode_requests()
+        return len(served) == replicas and all(served.values())
+
+    deadline = time.monotonic() + timeout_s
+    for k in itertools.count(step=2):
+        assert time.monotonic() < deadline, f"the ingress never routed to every decode replica: {_decode_requests()}"
+        bodies = [_chat(f"Warm-up {k + i}: say hi.", max_tokens=2) for i in range(2)]
+        responses = asyncio.run(_post_all(url, bodies))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        heard = time.monotonic() + HEARTBEAT_PERIOD_S + 1  # the replicas' next heartbeats
+        while time.monotonic() < heard:
+            if all_served():
+                return
+            time.sleep(0.5)
+
+
+async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+
+
 def test_decode_scale_down_finishes_the_streams_it_runs(cluster):
     scale_pool(NIXL_APP, "DecodeWorker", 2)
     _wait_for(lambda: _replica_states("DecodeWorker").get("RUNNING") == 2, "the second decode replica never ran",
               START_TIMEOUT_S)
+    _until_the_ingress_routes_to_every_decode_replica(cluster.nixl_url, 2, 120)
     max_tokens = 160
     body = _chat("Tell a long story about a lighthouse.", max_tokens=max_tokens, ignore_eos=True, stream=True,
                  stream_options={"include_usage": True})
