@@ -371,8 +371,8 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
             reports[name] = drain.wait_drained(redis_url, name, replicas, max(0.0, deadline - time.monotonic()))
     if any(report and not sum(report.values()) for report in reports.values()):
         # An ingress counts a stream done when its last chunk left the replica; Serve's
-        # HTTP proxy may still be writing it to the client, and stopping Serve kills the
-        # proxies at once. A moment for them to flush.
+        # HTTP proxy may still be writing it to the client. A moment for it to flush (for
+        # `tandem drain`, after which a pod is stopped).
         time.sleep(PROXY_FLUSH_S)
     for name, report in reports.items():
         left = sum(report.values())
@@ -383,6 +383,22 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
         else:
             console.print(f"{name}: drained ({len(report)} ingress replica(s), nothing in flight)")
     return reports
+
+
+def _stop_apps(names: list[str]) -> None:
+    """Delete the apps while Serve's HTTP proxies still run: Serve stops each replica once
+    the requests it holds are done, which for an ingress means its responses were handed
+    to a proxy (the drain counts a stream done once its last chunk left the ingress). Then
+    a moment for the proxies to write what they hold: `serve.shutdown()` kills them at once."""
+    from ray import serve
+
+    for name in names:
+        try:
+            serve.delete(name)
+        except TimeoutError as exc:  # Serve's own bound (60 s): go on, the shutdown stops it
+            console.print(f"[yellow]{name}: {exc}[/]")
+    if names:
+        time.sleep(PROXY_FLUSH_S)
 
 
 @app.command("drain")
@@ -429,10 +445,9 @@ def down(
             app_name = state.get("app_name")
             whole_cluster = bool(state.get("started_ray") or not app_name)
             drained = _drain_ingresses(redis_url, grace_s, only=None if whole_cluster else app_name) or {}
+            _stop_apps(list(serve.status().applications) if whole_cluster else [app_name])
             if whole_cluster:
                 serve.shutdown()
-            else:
-                serve.delete(app_name)
             console.print("serve app stopped")
             if redis_url:
                 from routing import drain
