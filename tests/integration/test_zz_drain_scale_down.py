@@ -142,8 +142,9 @@ def test_prefill_scale_down_waits_until_its_published_kv_is_pulled(cluster):
 def _decode_running() -> dict[str, int]:
     """Streams each decode replica of the app runs, from their heartbeats (none known when
     Redis is too busy to answer in time: the caller asks again)."""
+    url = embedded_url()  # None when Redis did not answer its ping in time
     try:
-        workers = list_workers(embedded_url(), NIXL_APP)
+        workers = list_workers(url, NIXL_APP) if url else []
     except redis.RedisError:
         return {}
     return {w["replica_id"]: int(w.get("stats", {}).get("running", 0)) for w in workers if w.get("role") == "decode"}
@@ -152,8 +153,9 @@ def _decode_running() -> dict[str, int]:
 def _decode_requests() -> dict[str, int]:
     """Requests each running decode replica of the app has served, from their heartbeats."""
     running = {name.rsplit("#", 1)[-1] for name in faults.replica_actor_names(NIXL_APP, "DecodeWorker")}
+    url = embedded_url()  # None when Redis did not answer its ping in time
     try:
-        workers = list_workers(embedded_url(), NIXL_APP)
+        workers = list_workers(url, NIXL_APP) if url else []
     except redis.RedisError:
         return {}
     return {w["replica_id"]: int(w.get("stats", {}).get("requests_total", 0)) for w in workers
