@@ -139,27 +139,27 @@ def test_prefill_scale_down_waits_until_its_published_kv_is_pulled(cluster):
     assert httpx.post(f"{cluster.nixl_url}/v1/chat/completions", json=_chat("Say hi."), timeout=120).status_code == 200
 
 
-def _decode_running() -> dict[str, int]:
-    """Streams each decode replica of the app runs, from their heartbeats (none known when
-    Redis is too busy to answer in time: the caller asks again)."""
-    url = embedded_url()  # None when Redis did not answer its ping in time
-    try:
-        workers = list_workers(url, NIXL_APP) if url else []
-    except redis.RedisError:
-        return {}
-    return {w["replica_id"]: int(w.get("stats", {}).get("running", 0)) for w in workers if w.get("role") == "decode"}
-
-
-def _decode_requests() -> dict[str, int]:
-    """Requests each running decode replica of the app has served, from their heartbeats."""
+def _decode_stat(stat: str) -> dict[str, int]:
+    """One heartbeat stat of each running decode replica of the app (none known when Redis
+    is too busy to answer in time: the caller asks again)."""
     running = {name.rsplit("#", 1)[-1] for name in faults.replica_actor_names(NIXL_APP, "DecodeWorker")}
     url = embedded_url()  # None when Redis did not answer its ping in time
     try:
         workers = list_workers(url, NIXL_APP) if url else []
     except redis.RedisError:
         return {}
-    return {w["replica_id"]: int(w.get("stats", {}).get("requests_total", 0)) for w in workers
+    return {w["replica_id"]: int(w.get("stats", {}).get(stat, 0)) for w in workers
             if w.get("role") == "decode" and w["replica_id"] in running}
+
+
+def _decode_running() -> dict[str, int]:
+    """Streams each decode replica runs."""
+    return _decode_stat("running")
+
+
+def _decode_requests() -> dict[str, int]:
+    """Requests each decode replica has served."""
+    return _decode_stat("requests_total")
 
 
 def _until_the_ingress_routes_to_every_decode_replica(url: str, replicas: int, timeout_s: float) -> None:
