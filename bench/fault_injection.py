@@ -13,18 +13,7 @@ import time
 
 import psutil
 
-REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"
-
-
-def replica_actor_names(app_name: str, deployment: str) -> list[str]:
-    import ray
-
-    prefix = f"{REPLICA_ACTOR_PREFIX}{app_name}#{deployment}#"
-    return sorted(
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith(prefix)
-    )
+from control_plane.replicas import replica_actor_names
 
 
 def kill_replica(app_name: str, deployment: str, index: int = 0) -> str:

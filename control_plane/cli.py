@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import typer
@@ -21,6 +21,9 @@ from control_plane import model as model_prep
 from control_plane import redis_server
 from control_plane.paths import run_dir
 from control_plane.settings import TandemSettings, load_settings
+
+if TYPE_CHECKING:
+    from routing.drain import DrainReport
 
 app = typer.Typer(help="Tandem: disaggregated prefill/decode LLM serving on Ray Serve.", no_args_is_help=True)
 model_app = typer.Typer(help="Prepare models for serving.", no_args_is_help=True)
@@ -340,19 +343,20 @@ def keys_revoke(
 PROXY_FLUSH_S = 2.0
 
 
-def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = None) -> dict[str, dict[str, int]] | None:
+def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = None) -> dict[str, DrainReport] | None:
     """Ask every app's ingress replicas to refuse new requests and finish the ones they
-    accepted; wait up to ``grace_s``. Returns, per app, the replicas' last in-flight counts;
-    None if the drain could not be asked for (no Redis). Needs a Ray connection."""
+    accepted; wait up to ``grace_s`` for each live one to report nothing in flight. Returns
+    each app's last report; None if the drain could not be asked for (no Redis). Needs a
+    Ray connection."""
     from ray import serve
 
+    from control_plane.replicas import replica_ids
     from routing import drain
 
-    apps = {
-        name: app_status.deployments["Ingress"].replica_states.get("RUNNING", 0)
-        for name, app_status in serve.status().applications.items()
+    apps = [
+        name for name, app_status in serve.status().applications.items()
         if "Ingress" in app_status.deployments and only in (None, name)
-    }
+    ]
     if not apps:
         return {}
     if not redis_url or not redis_server.ping(redis_url, timeout=2.0):
@@ -365,23 +369,24 @@ def _drain_ingresses(redis_url: str | None, grace_s: float, only: str | None = N
     # The replicas end streams still running at the grace with an error event; a few more
     # seconds let them report that.
     deadline = time.monotonic() + grace_s + 5
-    reports: dict[str, dict[str, int]] = {}
+    reports: dict[str, DrainReport] = {}
     with console.status(f"draining {', '.join(apps)} (up to {grace_s:.0f}s)..."):
-        for name, replicas in apps.items():
-            reports[name] = drain.wait_drained(redis_url, name, replicas, max(0.0, deadline - time.monotonic()))
-    if any(report and not sum(report.values()) for report in reports.values()):
+        for name in apps:
+            reports[name] = drain.wait_drained(redis_url, name, lambda name=name: replica_ids(name, "Ingress"),
+                                               max(0.0, deadline - time.monotonic()))
+    if any(report.in_flight and report.drained for report in reports.values()):
         # An ingress counts a stream done when its last chunk left the replica; Serve's
         # HTTP proxy may still be writing it to the client. A moment for it to flush (for
         # `tandem drain`, after which a pod is stopped).
         time.sleep(PROXY_FLUSH_S)
     for name, report in reports.items():
-        left = sum(report.values())
-        if left:
-            console.print(f"[yellow]{name}: {left} request(s) still in flight after {grace_s:.0f}s[/]")
-        elif len(report) < apps[name]:
-            console.print(f"[yellow]{name}: {len(report)} of {apps[name]} ingress replicas confirmed the drain[/]")
-        else:
-            console.print(f"{name}: drained ({len(report)} ingress replica(s), nothing in flight)")
+        if report.left:
+            console.print(f"[yellow]{name}: {report.left} request(s) still in flight after {grace_s:.0f}s[/]")
+        if report.silent:
+            console.print(f"[yellow]{name}: {len(report.silent)} of {len(report.silent) + len(report.in_flight)} "
+                          f"ingress replicas did not confirm the drain ({', '.join(sorted(report.silent))})[/]")
+        if report.drained:
+            console.print(f"{name}: drained ({len(report.in_flight)} ingress replica(s), nothing in flight)")
     return reports
 
 
@@ -417,7 +422,7 @@ def drain_command(
         raise typer.Exit(1) from None
     reports = _drain_ingresses(_redis_url(settings), settings.routing.drain_grace_s if grace is None else grace)
     # A preStop hook or `tandem drain && ...` must not carry on as if it had drained.
-    if reports is None or any(sum(report.values()) for report in reports.values()):
+    if reports is None or not all(report.drained for report in reports.values()):
         raise typer.Exit(1)
 
 

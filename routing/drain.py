@@ -3,9 +3,12 @@
 A Serve handle reaches one replica, not all of them, so the drain request is a Redis key
 that every ingress replica watches: once it is set, a replica answers new requests with 503
 and `Retry-After` (and /health with 503, so load balancers stop sending), finishes what it
-has accepted, and reports its in-flight count back. The caller waits until every replica
-reports zero or the grace period ends, then deletes the app: nothing accepted is cut off
-while its prefill or decode replica is being torn down under it.
+has accepted, and reports its in-flight count back under its replica id. The caller waits
+until every live ingress replica of the app (named by the caller, from Ray: a count of
+replicas could be met by reports from the wrong ones) reports zero or the grace period ends,
+then deletes the app: nothing accepted is cut off while its prefill or decode replica is
+being torn down under it. The keys are named by the Serve application, which is what the
+caller drains.
 
 If Redis is unreachable the drain is not signalled; Serve's own graceful shutdown still
 lets each replica finish its requests (up to its graceful_shutdown_timeout_s).
@@ -17,6 +20,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -116,17 +121,48 @@ def cancel_drain(redis_url: str, app_name: str) -> None:
     client.delete(drain_key(app_name), in_flight_key(app_name))
 
 
-def wait_drained(redis_url: str, app_name: str, replicas: int, grace_s: float) -> dict[str, int]:
-    """Wait until ``replicas`` ingress replicas report nothing in flight, at most
-    ``grace_s``; returns the last report (replica id -> requests in flight)."""
+@dataclass(frozen=True)
+class DrainReport:
+    """Where a drain stands: the live ingress replicas that answered, with their requests
+    in flight, and those that have not answered yet."""
+
+    in_flight: dict[str, int]
+    silent: frozenset[str] = frozenset()
+
+    @property
+    def left(self) -> int:
+        return sum(self.in_flight.values())
+
+    @property
+    def drained(self) -> bool:
+        return not self.silent and not self.left
+
+
+def read_report(client: redis.Redis, app_name: str, live: Iterable[str]) -> DrainReport:
+    """The drain's state for the ``live`` replica ids; reports of others (replicas gone since,
+    or another app sharing the key) are ignored."""
+    raw = client.hgetall(in_flight_key(app_name))
+    reported = {k.decode(errors="replace"): v for k, v in raw.items()}
+    in_flight: dict[str, int] = {}
+    silent = set()
+    for replica in live:
+        try:
+            in_flight[replica] = max(0, int(reported[replica]))
+        except (KeyError, ValueError):
+            silent.add(replica)
+    return DrainReport(in_flight, frozenset(silent))
+
+
+def wait_drained(
+    redis_url: str, app_name: str, live_replicas: Callable[[], Iterable[str]], grace_s: float
+) -> DrainReport:
+    """Wait until every live ingress replica (``live_replicas()``: their ids, asked afresh at
+    each poll, so a replica that dies is no longer waited for) reports nothing in flight, at
+    most ``grace_s``; returns the last report."""
     client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
     deadline = time.monotonic() + grace_s
-    report: dict[str, int] = {}
     while True:
-        raw = client.hgetall(in_flight_key(app_name))
-        report = {k.decode(): int(v) for k, v in raw.items()}
-        if len(report) >= replicas and not any(report.values()):
-            return report
-        if time.monotonic() > deadline:
+        report = read_report(client, app_name, live_replicas())
+        if report.drained or time.monotonic() > deadline:
             return report
         time.sleep(POLL_S)

@@ -423,9 +423,11 @@ class Ingress:
         limits = self.settings.admission
         admission.install_body_limit(limits.max_body_bytes)
         self._gate = admission.AdmissionGate(limits.max_in_flight, limits.max_predicted_ttft_s, limits.retry_after_s)
+        # Keyed by the Serve app, which is what `tandem drain`/`down` drain (settings.app_name
+        # names the workers this ingress fronts, and two apps may front the same ones).
+        replica = serve.get_replica_context()
         self._drain = drain.DrainWatcher(
-            self.settings.redis_url, self.settings.app_name,
-            serve.get_replica_context().replica_id.unique_id, lambda: self._gate.in_flight,
+            self.settings.redis_url, replica.app_name, replica.replica_id.unique_id, lambda: self._gate.in_flight,
         )
         self._drain.start()
 

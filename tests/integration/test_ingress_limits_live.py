@@ -32,7 +32,7 @@ def _ingress_pid() -> int:
     import ray
     from ray._private import state
 
-    from bench.fault_injection import replica_actor_names
+    from control_plane.replicas import replica_actor_names
 
     (name,) = replica_actor_names(APP, "Ingress")
     actor_id = ray.get_actor(name, namespace="serve")._actor_id.hex()

@@ -21,6 +21,7 @@ import redis
 from bench import fault_injection as faults
 from control_plane.cli import scale_pool
 from control_plane.redis_server import embedded_url
+from control_plane.replicas import replica_ids
 from control_plane.state import list_workers
 from kv_transport.contract import PARAMS_KEY, PrefillAsk
 from tests.conftest import MODEL, NIXL_APP, NIXL_PREFILL_REPLICAS, NIXL_TTL_S, metric_samples
@@ -142,7 +143,7 @@ def test_prefill_scale_down_waits_until_its_published_kv_is_pulled(cluster):
 def _decode_stat(stat: str) -> dict[str, int]:
     """One heartbeat stat of each running decode replica of the app (none known when Redis
     is too busy to answer in time: the caller asks again)."""
-    running = {name.rsplit("#", 1)[-1] for name in faults.replica_actor_names(NIXL_APP, "DecodeWorker")}
+    running = replica_ids(NIXL_APP, "DecodeWorker")
     url = embedded_url()  # None when Redis did not answer its ping in time
     try:
         workers = list_workers(url, NIXL_APP) if url else []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import redis
+
 from routing import drain
 
 
@@ -24,18 +26,19 @@ async def test_replicas_drain_and_report_until_nothing_is_in_flight(redis_url):
     assert not other_app.draining  # a drain is per app
 
     # Replica "a" still has two requests: the wait runs out with them reported.
-    assert drain.wait_drained(redis_url, "app", replicas=2, grace_s=0.2) == {"a": 2, "b": 0}
+    report = drain.wait_drained(redis_url, "app", lambda: {"a", "b"}, grace_s=0.2)
+    assert report == drain.DrainReport({"a": 2, "b": 0}) and report.left == 2 and not report.drained
     in_flight["a"] = 0
     done = threading.Event()
-    result: dict = {}
+    result: list[drain.DrainReport] = []
 
     def wait() -> None:
-        result.update(drain.wait_drained(redis_url, "app", replicas=2, grace_s=10))
+        result.append(drain.wait_drained(redis_url, "app", lambda: {"a", "b"}, grace_s=10))
         done.set()
 
     threading.Thread(target=wait, daemon=True).start()
     await watchers["a"].poll()
-    assert done.wait(5) and result == {"a": 0, "b": 0}
+    assert done.wait(5) and result == [drain.DrainReport({"a": 0, "b": 0})] and result[0].drained
 
     drain.cancel_drain(redis_url, "app")
     await watchers["a"].poll()
@@ -53,7 +56,30 @@ async def test_streams_are_ended_once_the_grace_is_over(redis_url):
 def test_waiting_counts_replicas_that_have_not_reported(redis_url):
     drain.request_drain(redis_url, "app", grace_s=30, ttl_s=60)
     # No replica has seen the request yet: not drained, however long the (short) wait.
-    assert drain.wait_drained(redis_url, "app", replicas=1, grace_s=0.3) == {}
+    report = drain.wait_drained(redis_url, "app", lambda: {"a"}, grace_s=0.3)
+    assert report == drain.DrainReport({}, frozenset({"a"})) and not report.drained
+
+
+async def test_only_the_live_replicas_reports_count(redis_url):
+    """A report from a replica that is not one of the app's live ingress replicas (one gone
+    since, or another app's ingress under the same key) can neither stand in for a live
+    replica that has not answered nor hold the drain up."""
+    busy = drain.DrainWatcher(redis_url, "app", "live", lambda: 1)
+    stranger = drain.DrainWatcher(redis_url, "app", "gone", lambda: 0)
+    for watcher in (busy, stranger):
+        await watcher.poll()
+    drain.request_drain(redis_url, "app", grace_s=30, ttl_s=60)
+    await stranger.poll()
+    # Only the stranger answered: the live replica still counts as silent.
+    report = drain.wait_drained(redis_url, "app", lambda: {"live"}, grace_s=0.2)
+    assert report == drain.DrainReport({}, frozenset({"live"})) and not report.drained
+    await busy.poll()
+    assert drain.wait_drained(redis_url, "app", lambda: {"live"}, grace_s=0.2).left == 1
+    # The busy replica died (Ray no longer lists it): nothing is left to wait for.
+    assert drain.wait_drained(redis_url, "app", lambda: set(), grace_s=5).drained
+    # What is not a count (Redis is shared) is no answer.
+    redis.Redis.from_url(redis_url).hset(drain.in_flight_key("app"), "live", b"many")
+    assert drain.wait_drained(redis_url, "app", lambda: {"live"}, grace_s=0.2).silent == {"live"}
 
 
 async def test_a_drain_left_from_before_the_replica_started_is_ignored(redis_url):

@@ -109,7 +109,7 @@ def front_door(monkeypatch):
     made: list[Any] = []
 
     async def make(settings: dict[str, Any] | None = None, **handles: FakeHandle) -> httpx.AsyncClient:
-        context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="ingress-1"), servable_object=None)
+        context = SimpleNamespace(app_name="tandem", replica_id=SimpleNamespace(unique_id="ingress-1"), servable_object=None)
         monkeypatch.setattr(ray.serve, "get_replica_context", lambda: context)
         # Serve wraps the class in its ASGI wrapper; the replica here is Tandem's own class,
         # and the app is driven directly below.
