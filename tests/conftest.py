@@ -72,6 +72,14 @@ class Cluster:
         return True
 
 
+async def post_chats(url: str, bodies: list[dict], timeout_s: float = 300) -> list[httpx.Response]:
+    """POST the chat bodies to the app at ``url`` all at once; their responses, in order."""
+    import asyncio
+
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as client:
+        return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+
+
 def metric_samples(metrics_text: str, name: str) -> list:
     """The samples named ``name`` in a Prometheus text page (an ingress's /metrics, with
     its workers' metrics merged in)."""

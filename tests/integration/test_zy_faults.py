@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from bench import fault_injection as faults
-from tests.conftest import MODEL, NIXL_APP, NIXL_PREFILL_REPLICAS, SECURE_KEY, metric_samples
+from tests.conftest import (
+    MODEL,
+    NIXL_APP,
+    NIXL_PREFILL_REPLICAS,
+    SECURE_KEY,
+    metric_samples,
+    post_chats,
+)
 
 APP = "tandem"
 RECOVERY_TIMEOUT_S = 300
@@ -100,17 +107,12 @@ def test_decode_killed_mid_stream_ends_the_stream_cleanly(cluster):
           f"engine cores {sorted(engines_before)} -> {faults.describe_processes(replacement)}")
 
 
-async def _concurrent_chats(url: str, bodies: list[dict]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
-
-
 def test_prefill_killed_with_requests_in_flight_loses_none(cluster):
     bodies = [_chat(f"Request {i}: explain in detail why the sky is blue. " * 30, max_tokens=12) for i in range(6)]
     unanswered_at_kill: list[bool] = []
 
     async def run(killed: list[str]) -> list[httpx.Response]:
-        sent = asyncio.ensure_future(_concurrent_chats(cluster.nixl_url, bodies))
+        sent = asyncio.ensure_future(post_chats(cluster.nixl_url, bodies))
         await asyncio.sleep(0.5)  # the prompts are being prefilled on both replicas now
         killed.append(await asyncio.to_thread(faults.kill_replica, NIXL_APP, "PrefillWorker", 0))
         unanswered_at_kill.append(not sent.done())
@@ -126,7 +128,7 @@ def test_prefill_killed_with_requests_in_flight_loses_none(cluster):
             choice = response.json()["choices"][0]
             assert choice["message"]["content"] and choice["finish_reason"] == "length"
         # New requests go on while the replacement starts.
-        after = asyncio.run(_concurrent_chats(cluster.nixl_url, bodies[:3]))
+        after = asyncio.run(post_chats(cluster.nixl_url, bodies[:3]))
         assert [r.status_code for r in after] == [200] * 3
 
 

@@ -24,7 +24,14 @@ from control_plane.redis_server import embedded_url
 from control_plane.replicas import replica_ids
 from control_plane.state import list_workers
 from kv_transport.contract import PARAMS_KEY, PrefillAsk
-from tests.conftest import MODEL, NIXL_APP, NIXL_PREFILL_REPLICAS, NIXL_TTL_S, metric_samples
+from tests.conftest import (
+    MODEL,
+    NIXL_APP,
+    NIXL_PREFILL_REPLICAS,
+    NIXL_TTL_S,
+    metric_samples,
+    post_chats,
+)
 from workers.deployments import HEARTBEAT_PERIOD_S
 
 START_TIMEOUT_S = 300
@@ -174,18 +181,13 @@ def _until_the_ingress_routes_to_every_decode_replica(url: str, replicas: int, t
     for k in itertools.count(step=2):
         assert time.monotonic() < deadline, f"the ingress never routed to every decode replica: {_decode_requests()}"
         bodies = [_chat(f"Warm-up {k + i}: say hi.", max_tokens=2) for i in range(2)]
-        responses = asyncio.run(_post_all(url, bodies))
+        responses = asyncio.run(post_chats(url, bodies, timeout_s=120))
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
         heard = time.monotonic() + HEARTBEAT_PERIOD_S + 1  # the replicas' next heartbeats
         while time.monotonic() < heard:
             if all_served():
                 return
             time.sleep(0.5)
-
-
-async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
 
 
 def test_decode_scale_down_finishes_the_streams_it_runs(cluster):
