@@ -17,6 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from control_plane.redis_server import embedded_url
 from control_plane.settings import Role, TandemSettings, load_settings
 from routing.ingress import Ingress
+from routing.policies import check_routing_settings
 from routing.serve_router import TandemRequestRouter
 from workers.deployments import WORKER_DEPLOYMENTS
 
@@ -147,6 +148,7 @@ def with_kv_secret(settings: TandemSettings, secret: str | None = None) -> Tande
 
 
 def build_app_from_settings(settings: TandemSettings) -> Application:
+    check_routing_settings(settings.routing)
     if settings.redis_url is None:
         settings = settings.model_copy(update={"redis_url": embedded_url()})
     # Every worker of this app gets the same secret with its settings.

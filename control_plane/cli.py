@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -139,9 +138,12 @@ def up(
         "colocated": {"replicas": colocated} if colocated is not None else None,
         "model": {"path": model} if model is not None else None,
     }
+    from routing.policies import check_routing_settings
+
     try:
         settings = load_settings(config, **overrides)
-    except (ValidationError, FileNotFoundError) as exc:
+        check_routing_settings(settings.routing)
+    except (ValueError, FileNotFoundError) as exc:  # pydantic's ValidationError is a ValueError
         console.print(f"[red]invalid settings[/]: {exc}")
         raise typer.Exit(2) from None
 

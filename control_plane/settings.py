@@ -22,8 +22,6 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from routing.protocol import MAX_JSON_VALUES, MAX_MESSAGES, MAX_N, MAX_PROMPTS
-
 DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
 
 Mode = Literal["disaggregated", "colocated"]
@@ -216,7 +214,8 @@ class RoutingSettings(_Strict):
     # hotspot rebalancing), or a baseline: "round_robin", "least_loaded", "power_of_two",
     # "consistent_hash" (one ring), "prefix_tree" (SGLang's cache-aware router).
     prefill_router: PrefillRouter = "dualmap"
-    # Extra arguments of the prefill router's policy (routing/policies.py), e.g. for
+    # Extra arguments of the prefill router's policy (routing/policies.py, which checks
+    # them when the app is built: this module imports nothing of the product), e.g. for
     # dualmap {"hot_ratio": 2.0, "hot_min_tokens": 2048, "flip_s": 30,
     # "prior_tokens_per_s": 2000}, for prefix_tree {"cache_threshold": 0.3}.
     prefill_router_options: dict[str, Any] = Field(default_factory=dict)
@@ -232,14 +231,6 @@ class RoutingSettings(_Strict):
     # /health and /metrics reuse their last answer this long (and concurrent probes share
     # one), so that probes and scrapes cannot multiply calls to the pools and Redis. 0: never.
     status_cache_s: float = Field(1.0, ge=0, le=60)
-
-    @model_validator(mode="after")
-    def _known_router_options(self) -> RoutingSettings:
-        from routing.policies import check_policy_options
-
-        check_policy_options(self.prefill_router, self.prefill_router_options)
-        check_policy_options(self.decode_router, self.decode_router_options)
-        return self
 
 
 class KeyLimitSettings(_Strict):
@@ -275,6 +266,14 @@ class AuthSettings(_Strict):
     api_keys_pin_kv_profile: bool = False
 
 
+# Hard caps of what one request may carry, the most the admission settings below may
+# allow; routing/protocol.py's request models enforce them while they parse.
+MAX_MESSAGES = 2048  # messages in one chat
+MAX_PROMPTS = 2048  # prompts in one batched /v1/completions body
+MAX_N = 16  # choices per request
+MAX_JSON_VALUES = 1 << 22  # JSON values in one body
+
+
 class AdmissionSettings(_Strict):
     """What the ingress refuses at once instead of queueing (routing/admission.py)."""
 
@@ -291,8 +290,8 @@ class AdmissionSettings(_Strict):
     # bounds what the worst body can cost (about 55 MiB at the default). Raise it for batches
     # of long token-id prompts (a value per token).
     max_json_values: int = Field(1 << 18, ge=1024, le=MAX_JSON_VALUES)
-    # At most routing/protocol.py's hard caps (MAX_MESSAGES, MAX_PROMPTS), which the request
-    # models enforce while they parse.
+    # At most the hard caps above (MAX_MESSAGES, MAX_PROMPTS), which the request models
+    # enforce while they parse.
     max_messages: int = Field(512, ge=1, le=MAX_MESSAGES)
     # Prompts in one batched /v1/completions body; disaggregated, each is its own prefill
     # and decode.

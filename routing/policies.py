@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import xxhash
 
@@ -28,6 +28,9 @@ from routing.dualmap import (
     TTFTPredictor,
     choose,
 )
+
+if TYPE_CHECKING:
+    from control_plane.settings import RoutingSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +552,13 @@ def check_policy_options(name: str, options: Mapping[str, Any]) -> None:
         raise ValueError(
             f"unknown option(s) {sorted(unknown)} for routing policy {name!r}; it takes {sorted(accepted)}"
         )
+
+
+def check_routing_settings(routing: RoutingSettings) -> None:
+    """Raise ValueError if the settings name a router option its policy does not take:
+    `tandem up` checks before it starts anything, and the app's builder again."""
+    check_policy_options(routing.prefill_router, routing.prefill_router_options)
+    check_policy_options(routing.decode_router, routing.decode_router_options)
 
 
 def make_policy(name: str, **kwargs: Any) -> RoutingPolicy:

@@ -19,15 +19,15 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Hard caps of the request models (admission settings may only lower them).
-MAX_MESSAGES = 2048  # messages in one chat
+# The caps admission settings may lower: defined with those settings, enforced here.
+from control_plane.settings import MAX_MESSAGES, MAX_N, MAX_PROMPTS
+
+# Hard caps of the request models.
 MAX_CONTENT_PARTS = 1024  # content parts of one message
-MAX_PROMPTS = 2048  # prompts in one batched /v1/completions body
 MAX_PROMPT_TOKENS = 1 << 20  # token ids of one prompt
 MAX_STOP = 4  # stop sequences (OpenAI's limit)
 MAX_LOGIT_BIAS = 1024  # logit_bias entries
 MAX_TOOLS = 128  # tools (OpenAI's limit)
-MAX_N = 16  # choices per request
 MAX_TOKEN_ID_LIST = 1 << 18  # allowed_token_ids, logprob_token_ids (a vocabulary's worth)
 MAX_STOP_TOKEN_IDS = 1024
 MAX_BAD_WORDS = 1024
@@ -37,8 +37,6 @@ MAX_ID_CHARS = 256  # request_id, session_id, cache_salt
 # handoff: a client must never set that (a forged one would send decode to pull from any
 # address), only Tandem's orchestration does.
 RESERVED_XARGS = frozenset({"kv_transfer_params", "ec_transfer_params"})
-# JSON values in one body: the most admission.max_json_values may allow.
-MAX_JSON_VALUES = 1 << 22
 
 
 class _Forbid(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from control_plane import settings
 from control_plane.settings import AdmissionSettings, TandemSettings
 from routing import protocol
 from routing.protocol import (
@@ -157,7 +158,7 @@ def test_lists_past_their_hard_cap_are_refused_at_the_field(model, body, loc):
 def test_settings_cannot_allow_more_than_the_hard_caps():
     AdmissionSettings(max_messages=protocol.MAX_MESSAGES, max_prompts=protocol.MAX_PROMPTS)
     for field, cap in (("max_messages", protocol.MAX_MESSAGES), ("max_prompts", protocol.MAX_PROMPTS),
-                       ("max_n", protocol.MAX_N), ("max_json_values", protocol.MAX_JSON_VALUES)):
+                       ("max_n", protocol.MAX_N), ("max_json_values", settings.MAX_JSON_VALUES)):
         with pytest.raises(ValidationError, match="less than or equal"):
             TandemSettings.model_validate({"admission": {field: cap + 1}})
 

@@ -18,6 +18,11 @@ def test_up_rejects_bad_settings_cleanly(tmp_path):
     assert "invalid settings" in result.output and "mode" in result.output
     result = runner.invoke(app, ["up", "--config", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "not found" in result.output
+    # A router option its policy does not take (checked by routing, not by the settings).
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("routing:\n  prefill_router: dualmap\n  prefill_router_options: {hot_raito: 3.0}\n")
+    result = runner.invoke(app, ["up", "--config", str(typo)])
+    assert result.exit_code == 2 and "invalid settings" in result.output and "hot_raito" in result.output
 
 
 def test_status_without_a_running_stack(tmp_path, monkeypatch):
