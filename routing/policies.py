@@ -264,15 +264,20 @@ class DualMapPolicy(RoutingPolicy):
     the pool's best (SLO-aware fallback). Hot instances shed requests still waiting for
     them, and the moved prefixes prefer their new instance for ``flip_s``.
 
-    Beyond the paper, each measured in the cluster simulator (docs/simulator.md):
-    ``holders``: remember up to this many instances per prefix, not only the last (one
-    fallback would otherwise make the ring candidates look cold and unravel affinity);
-    ``grow``: those holders join the two candidates, so a hot prefix spreads over the
-    instances that already computed it; ``stay_when_overloaded``: fall back to the pool
-    only if that meets the SLO (when nobody does, keep the cache hit); and
-    ``cold_to_least_loaded``: a prefix nobody holds goes to the least loaded instance of
-    the pool rather than the better of its two candidates. Rebalancing charges a moved
-    request the tokens it would compute where it goes (not the whole prompt on both sides).
+    Beyond the paper, each measured in the cluster simulator (docs/simulator.md, whose
+    ablations switch them off in `bench/cluster_sim/ablations.py`): remember up to
+    ``holders`` instances per prefix, not only the last (one fallback would otherwise make
+    the ring candidates look cold and unravel affinity); those holders join the two
+    candidates, so a hot prefix spreads over the instances that already computed it; when
+    nobody meets the SLO, keep the cache hit rather than add work elsewhere; and a prefix
+    nobody holds goes to the least loaded instance of the pool rather than the better of its
+    two candidates. Rebalancing charges a moved request the tokens it would compute where it
+    goes (not the whole prompt on both sides).
+
+    `route` is these steps, each its own method: the live holders of the prompt's prefix
+    (`holders_in`); none: the cold placement (`place_cold`); else the candidates (`candidates_for`:
+    ring pair and holders), the SLO-aware choice among them (`choose_among`), and the
+    overload rule (`keep_hit_when_overloaded`).
     """
 
     name = "dualmap"
@@ -282,30 +287,20 @@ class DualMapPolicy(RoutingPolicy):
         slo_ttft_s: float = 2.0,
         prior_tokens_per_s: float = 2000.0,
         fixed_s: float = 0.02,
-        slo_fallback: bool = True,
-        rebalance: bool = True,
         hot_ratio: float = 2.0,
         hot_min_tokens: int = 2048,
         flip_s: float = 30.0,
         holders: int = 4,
-        grow: bool = True,
-        stay_when_overloaded: bool = True,
-        cold_to_least_loaded: bool = True,
         memory: int = 65536,
         vnodes: int = DEFAULT_VNODES,
         clock: Callable[[], float] = time.monotonic,
         **_: Any,
     ) -> None:
         self.slo_ttft_s = slo_ttft_s
-        self.slo_fallback = slo_fallback
-        self.rebalance_enabled = rebalance
         self.hot_ratio = hot_ratio
         self.hot_min_tokens = hot_min_tokens
         self.flip_s = flip_s
         self.holders = max(1, holders)
-        self.grow = grow
-        self.stay_when_overloaded = stay_when_overloaded
-        self.cold_to_least_loaded = cold_to_least_loaded
         self.memory = memory
         self.clock = clock
         self.predictor = TTFTPredictor(prior_tokens_per_s=prior_tokens_per_s, fixed_s=fixed_s)
@@ -342,38 +337,50 @@ class DualMapPolicy(RoutingPolicy):
         return list(self._holders.get(key, ()))
 
     def route(self, request: RouteRequest, loads: Mapping[str, InstanceLoad]) -> Decision:
-        key = request.prefix_key
-        fraction = request.cacheable_fraction
-        held = [i for i in self.holders_of(key) if i in loads]
-        cached = {i: fraction for i in held}
-        candidates = list(self.candidates(key, loads))
-        if self.grow:
-            candidates += reversed(held)
-        # (Without the SLO fallback, an ablation, choices never leave the candidates.)
-        if not self.cold_to_least_loaded or cached or not self.slo_fallback:
-            decision = choose(
-                tuple(dict.fromkeys(candidates)),
-                loads,
-                request.prompt_tokens,
-                cached,
-                self.slo_ttft_s,
-                self.predictor,
-                fallback=self.slo_fallback,
-                footprint=self._footprint,
-            )
-            if decision.reason != "fallback" or not self.stay_when_overloaded or decision.predicted_ttft_s <= self.slo_ttft_s:
-                return decision
-            # Nobody meets the SLO: keep a cache hit rather than add work elsewhere.
-            live = [c for c in dict.fromkeys(candidates) if c in loads and loads[c].healthy]
-            if live:
-                stay = min(live, key=lambda i: self._predict(i, loads, request, cached))
-                return Decision(stay, "overloaded_stay", self._predict(stay, loads, request, cached),
-                                self._uncached(stay, request, cached), loads[stay].queued_prefill_tokens)
+        held = self.holders_in(request, loads)
+        if not held:
+            return self.place_cold(request, loads)
+        cached = dict.fromkeys(held, request.cacheable_fraction)
+        candidates = self.candidates_for(request, loads, held)
+        decision = self.choose_among(candidates, request, loads, cached)
+        return self.keep_hit_when_overloaded(decision, candidates, request, loads, cached)
+
+    # ---- the steps of `route` ----------------------------------------------------------
+
+    def holders_in(self, request: RouteRequest, loads: Mapping[str, InstanceLoad]) -> list[str]:
+        """Filter: the instances of the pool that recently prefilled the prompt's prefix."""
+        return [i for i in self.holders_of(request.prefix_key) if i in loads]
+
+    def candidates_for(self, request: RouteRequest, loads: Mapping[str, InstanceLoad],
+                       held: Sequence[str]) -> tuple[str, ...]:
+        """The two ring candidates, then the holders (most recent first), each once."""
+        return tuple(dict.fromkeys([*self.candidates(request.prefix_key, loads), *reversed(held)]))
+
+    def choose_among(self, candidates: tuple[str, ...], request: RouteRequest, loads: Mapping[str, InstanceLoad],
+                     cached: Mapping[str, float]) -> Decision:
+        """Score and pick: the likeliest cache hit that meets the SLO, else the other
+        candidate that does, else the pool's lowest predicted TTFT (`dualmap.choose`)."""
+        return choose(candidates, loads, request.prompt_tokens, dict(cached), self.slo_ttft_s, self.predictor,
+                      footprint=self._footprint)
+
+    def keep_hit_when_overloaded(self, decision: Decision, candidates: tuple[str, ...], request: RouteRequest,
+                                 loads: Mapping[str, InstanceLoad], cached: Mapping[str, float]) -> Decision:
+        """A fallback that misses the SLO too (nobody meets it) stays with the cache hit:
+        moving would only add work elsewhere."""
+        if decision.reason != "fallback" or decision.predicted_ttft_s <= self.slo_ttft_s:
             return decision
-        # A prefix nobody holds: no affinity to keep, so the pool's least loaded takes it
-        # (the one caching fewer prefixes among equals).
+        live = [c for c in candidates if c in loads and loads[c].healthy]
+        if not live:
+            return decision
+        stay = min(live, key=lambda i: self._predict(i, loads, request, cached))
+        return Decision(stay, "overloaded_stay", self._predict(stay, loads, request, cached),
+                        self._uncached(stay, request, cached), loads[stay].queued_prefill_tokens)
+
+    def place_cold(self, request: RouteRequest, loads: Mapping[str, InstanceLoad]) -> Decision:
+        """A prefix nobody holds: no affinity to keep, so the pool's least loaded takes it
+        (the one caching fewer prefixes among equals)."""
         healthy = healthy_instances(loads)
-        predicted = {i: self._predict(i, loads, request, cached) for i in healthy}
+        predicted = {i: self._predict(i, loads, request, {}) for i in healthy}
         # Predictions this close are the same load seen through calibration noise: among
         # them, the instance caching fewer prefixes takes the new one.
         fastest = min(predicted.values())
@@ -430,7 +437,7 @@ class DualMapPolicy(RoutingPolicy):
     def rebalance(
         self, waiting: Mapping[str, Sequence[RouteRequest]], loads: Mapping[str, InstanceLoad]
     ) -> list[tuple[RouteRequest, Decision]]:
-        if not self.rebalance_enabled or not waiting:
+        if not waiting:
             return []
         healthy = [i for i, load in loads.items() if load.healthy]
         if len(healthy) < 2:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.cluster_sim.ablations import ablation_factory
 from bench.cluster_sim.cost_model import CostModel
 from bench.cluster_sim.ray_prefix_affinity import RayPrefixAffinityPolicy
 from bench.cluster_sim.simulator import ClusterSim, SimConfig, SimResult
@@ -27,9 +28,9 @@ POLICIES = (*BASELINES, "dualmap")
 def policy_spec(name: str, workload: Workload) -> tuple[Any, dict[str, Any]]:
     """(policy name or factory, extra kwargs) for a simulator run of ``name``."""
     if name == "dualmap_no_fallback":
-        return "dualmap", {"slo_fallback": False}
+        return ablation_factory(slo_fallback=False), {}
     if name == "dualmap_no_rebalance":
-        return "dualmap", {"rebalance": False}
+        return ablation_factory(rebalance=False), {}
     if name == "ray_prefix_affinity":
         by_id = {spec.route.request_id: spec for spec in workload.requests}
 

@@ -293,6 +293,18 @@ def test_more_load_means_longer_ttft(small_shared_prefix):
     assert heavy.ttft_p90_s > 3 * light.ttft_p90_s
 
 
+def test_the_ablations_run_in_the_simulator_with_their_part_off(small_shared_prefix):
+    # 80/s on 4 small instances: overloaded, so the full policy rebalances.
+    full = _run(small_shared_prefix, "dualmap", rate=80.0, instances=4, max_ongoing=2)
+    assert {"cold", "affinity", "rebalance"} <= set(full.reasons)
+    # No fallback: never leaves the two candidates, a cold prefix included.
+    no_fallback = _run(small_shared_prefix, "dualmap_no_fallback", rate=80.0, instances=4, max_ongoing=2)
+    assert set(no_fallback.reasons) <= {"affinity", "second_choice"}
+    no_rebalance = _run(small_shared_prefix, "dualmap_no_rebalance", rate=80.0, instances=4, max_ongoing=2)
+    assert "rebalance" not in no_rebalance.reasons and no_rebalance.rebalance_moves == 0
+    assert "cold" in no_rebalance.reasons
+
+
 def test_ray_baseline_runs_in_the_simulator(small_shared_prefix):
     result = _run(small_shared_prefix, "ray_prefix_affinity")
     assert result.hit_rate > _run(small_shared_prefix, "round_robin").hit_rate + 0.25

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench.cluster_sim.ablations import DualMapAblation
 from routing.dualmap import InstanceLoad, prefix_key
 from routing.policies import (
     POLICIES,
@@ -58,7 +59,7 @@ def test_dualmap_sticks_while_the_slo_holds_then_falls_back():
 
 
 def test_dualmap_without_slo_fallback_never_leaves_the_candidates():
-    policy = DualMapPolicy(slo_ttft_s=1.0, prior_tokens_per_s=10_000, slo_fallback=False)
+    policy = DualMapAblation(slo_ttft_s=1.0, prior_tokens_per_s=10_000, slo_fallback=False)
     req = request("c", 7)
     primary, secondary = policy.candidates(req.prefix_key, pool(8))
     loads = pool(8, **{primary: InstanceLoad(queued_prefill_tokens=50_000),
@@ -89,7 +90,7 @@ def test_no_rebalance_below_the_threshold_or_when_disabled():
     waiting = {"i0": [request("w", 3)]}
     assert DualMapPolicy(hot_ratio=2.0, hot_min_tokens=5000).rebalance(waiting, loads) == []
     hot = pool(4, i0=InstanceLoad(queued_prefill_tokens=60_000))
-    assert DualMapPolicy(rebalance=False).rebalance(waiting, hot) == []
+    assert DualMapAblation(rebalance=False).rebalance(waiting, hot) == []
     assert DualMapPolicy(hot_min_tokens=100).rebalance(waiting, hot) != []
 
 
@@ -158,6 +159,28 @@ def test_policy_options_are_checked():
         check_policy_options("dualmap", {"hot_raito": 3.0})
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("random_walk")
+    # The simulator's ablation switches are not options of the production policy.
+    with pytest.raises(ValueError, match="slo_fallback"):
+        check_policy_options("dualmap", {"slo_fallback": False})
+
+
+def test_dualmap_with_no_part_switched_off_routes_as_the_production_policy():
+    """The ablations' base is the production policy itself: with every switch on, the same
+    decisions on the same requests (cold, affinity, second choice, fallback, overload)."""
+    clock = lambda: 0.0  # noqa: E731
+    production = DualMapPolicy(slo_ttft_s=1.0, prior_tokens_per_s=5_000, clock=clock)
+    ablation = DualMapAblation(slo_ttft_s=1.0, prior_tokens_per_s=5_000, clock=clock)
+    reasons = set()
+    for k in range(300):
+        loads = {f"i{i}": InstanceLoad(queued_prefill_tokens=((k + 3 * i) * 1931 * (i + 1)) % (4000 + 2500 * (k % 4)))
+                 for i in range(5)}
+        req = request(f"r{k}", k % 7, tokens=800 + (k * 37) % 3000, user=k)
+        decisions = [policy.route(req, loads) for policy in (production, ablation)]
+        assert decisions[0] == decisions[1], k
+        reasons.add(decisions[0].reason)
+        for policy, decision in zip((production, ablation), decisions, strict=True):
+            policy.on_routed(req, decision)
+    assert reasons == {"cold", "affinity", "second_choice", "fallback", "overloaded_stay"}
 
 
 def test_new_prefixes_spread_over_an_idle_pool_despite_calibration_noise():
