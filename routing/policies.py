@@ -337,6 +337,7 @@ class DualMapPolicy(RoutingPolicy):
         return list(self._holders.get(key, ()))
 
     def route(self, request: RouteRequest, loads: Mapping[str, InstanceLoad]) -> Decision:
+        self._rings.sync(loads)  # the rings follow the pool, whichever step decides
         held = self.holders_in(request, loads)
         if not held:
             return self.place_cold(request, loads)

@@ -164,6 +164,14 @@ def test_policy_options_are_checked():
         check_policy_options("dualmap", {"slo_fallback": False})
 
 
+def test_dualmap_rings_follow_the_pool_whichever_step_decides():
+    policy = DualMapPolicy()
+    assert policy.route(request("cold", 1), pool(3)).reason == "cold"  # no ring consulted
+    assert policy.ring.instances == {"i0", "i1", "i2"}
+    policy.route(request("cold-too", 2), pool(2))
+    assert policy.ring.instances == {"i0", "i1"}
+
+
 def test_dualmap_with_no_part_switched_off_routes_as_the_production_policy():
     """The ablations' base is the production policy itself: with every switch on, the same
     decisions on the same requests (cold, affinity, second choice, fallback, overload)."""
