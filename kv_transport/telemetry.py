@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
@@ -76,29 +78,71 @@ class LogSink(TelemetrySink):
 
 
 class RedisStreamSink(TelemetrySink):
-    """XADD each record to a capped stream; never blocks or fails a transfer."""
+    """XADD each record to a capped stream, from a thread of its own: a transfer never waits
+    on Redis, and a slow or restarting Redis delays records instead of losing them. Up to
+    ``backlog`` records wait for it (then the oldest are dropped); ``flush`` waits until
+    the ones emitted so far are written."""
 
-    def __init__(self, url: str, stream: str = TELEMETRY_STREAM, maxlen: int = 100_000):
+    RETRY_S = 1.0
+
+    def __init__(self, url: str, stream: str = TELEMETRY_STREAM, maxlen: int = 100_000, backlog: int = 10_000):
         import redis
 
-        self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._stream = stream
         self._maxlen = maxlen
+        self._pending: deque[dict[str, str]] = deque(maxlen=backlog)
+        self._wake = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
         self._warned = False
+        self._thread = threading.Thread(target=self._run, name="tandem-telemetry", daemon=True)
+        self._thread.start()
 
     def emit(self, record: TransferRecord) -> None:
+        fields = {k: json.dumps(v) for k, v in record.to_dict().items()}
+        with self._wake:
+            self._pending.append(fields)
+            self._idle.clear()
+            self._wake.notify()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Whether every record emitted so far was written within ``timeout_s``."""
+        return self._idle.wait(timeout_s)
+
+    def _run(self) -> None:
         import redis
 
-        try:
-            fields = {k: json.dumps(v) for k, v in record.to_dict().items()}
-            self._client.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)
-            self._warned = False
-        except (redis.RedisError, OSError) as exc:
-            if not self._warned:
-                log.warning("telemetry: Redis unavailable (%s); records are dropped", exc)
-                self._warned = True
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._idle.set()
+                    self._wake.wait()
+                if not self._pending:
+                    return  # closed, everything written
+                batch = [self._pending.popleft() for _ in range(min(100, len(self._pending)))]
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for fields in batch:
+                        pipe.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)
+                    pipe.execute()
+                self._warned = False
+            except (redis.RedisError, OSError) as exc:
+                if not self._warned:
+                    log.warning("telemetry: Redis unavailable (%s); records wait for it", exc)
+                    self._warned = True
+                with self._wake:
+                    self._pending.extendleft(reversed(batch))  # first out again, in order
+                    if self._closed:
+                        return  # closing: what Redis did not take is given up
+                    self._wake.wait(self.RETRY_S)
 
     def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=2 * self.RETRY_S)
         self._client.close()
 
 

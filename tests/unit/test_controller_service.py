@@ -59,6 +59,7 @@ def test_slow_link_gets_compression_and_connectors_read_it(redis_url):
     sink = RedisStreamSink(redis_url)
     for _ in range(8):  # a 0.5 Gbps link carrying 64 MiB transfers uncompressed
         sink.emit(_record("p:1->d:2", "identity", 64 * MB, 0.5e9 / 8))
+    assert sink.flush(10)
     asyncio.run(_steps(loop, redis_url, 2))
     stored = json.loads(redis.Redis.from_url(redis_url).get(decision_key("tandem", "p:1->d:2", "standard")))
     assert stored["profile"] == "int4"

@@ -31,6 +31,8 @@ def test_redis_stream_sink_round_trip(redis_url):
     sink = RedisStreamSink(redis_url)
     sink.emit(_record(transfer_id="one"))
     sink.emit(_record(transfer_id="two", ok=False, error="boom"))
+    assert sink.flush(10)
+    sink.close()
     records = read_stream(redis_url)
     assert [r["transfer_id"] for r in records] == ["one", "two"]
     assert records[1]["ok"] is False and records[0]["compression_ratio"] == 4.0
@@ -38,10 +40,29 @@ def test_redis_stream_sink_round_trip(redis_url):
 
 def test_sinks_never_fail_a_transfer_when_redis_is_down():
     sink = RedisStreamSink("redis://127.0.0.1:1/0")
-    sink.emit(_record())  # logs once, raises nothing
+    sink.emit(_record())  # logs once, raises nothing, never waits
+    assert not sink.flush(0.5)  # the record waits for Redis
+    sink.close()  # gives it up, promptly
+    assert not sink._thread.is_alive()
     with pytest.raises(ValueError):
         make_sinks(["carrier-pigeon"], None)
     assert make_sinks(["redis"], None) == []  # no Redis configured: nothing to do
+
+
+def test_records_wait_for_a_redis_that_is_away_and_arrive_in_order(redis_url):
+    from control_plane import redis_server
+
+    sink = RedisStreamSink(redis_url)
+    try:
+        redis_server.stop_embedded()
+        for name in ("while-down-1", "while-down-2"):
+            sink.emit(_record(transfer_id=name))  # returns at once
+        assert not sink.flush(1.5)
+        redis_server.start_embedded(port=6491)
+        assert sink.flush(30)
+        assert [r["transfer_id"] for r in read_stream(redis_url)][-2:] == ["while-down-1", "while-down-2"]
+    finally:
+        sink.close()
 
 
 def test_worker_metrics_exposition():
