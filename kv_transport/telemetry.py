@@ -81,7 +81,8 @@ class RedisStreamSink(TelemetrySink):
     """XADD each record to a capped stream, from a thread of its own: a transfer never waits
     on Redis, and a slow or restarting Redis delays records instead of losing them. Up to
     ``backlog`` records wait for it (then the oldest are dropped); ``flush`` waits until
-    the ones emitted so far are written."""
+    the ones emitted so far are written. At least once: a batch whose reply timed out is
+    sent again, and may then be in the stream twice."""
 
     RETRY_S = 1.0
 
