@@ -60,7 +60,7 @@ def test_waiting_counts_replicas_that_have_not_reported(redis_url):
     assert report == drain.DrainReport({}, frozenset({"a"})) and not report.drained
 
 
-async def test_only_the_live_replicas_reports_count(redis_url):
+async def test_only_reports_of_the_live_replicas_count(redis_url):
     """A report from a replica that is not one of the app's live ingress replicas (one gone
     since, or another app's ingress under the same key) can neither stand in for a live
     replica that has not answered nor hold the drain up."""
