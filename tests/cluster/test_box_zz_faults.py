@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -52,7 +53,9 @@ def test_link_cut_mid_transfer_recomputes_and_leaks_nothing(cluster: BoxCluster,
     # The cut lands once a few MiB of the KV left the prefill node; if the pull finished
     # first after all (counted ok), again with a new prompt (decode now caches the last one).
     for attempt in range(3):
-        text = f"Attempt {attempt}. {LONG_PROMPT}" if attempt else LONG_PROMPT
+        # New from its first token: no engine holds any of it (earlier tests sent prompts
+        # that share LONG_PROMPT's start), so its whole KV crosses the link.
+        text = f"Link cut {uuid.uuid4().hex}, attempt {attempt}. {LONG_PROMPT}"
         expected = reference_client.chat.completions.create(
             model=MODEL, messages=_messages(text), max_tokens=16, temperature=0
         ).choices[0].message.content
@@ -73,8 +76,17 @@ def test_link_cut_mid_transfer_recomputes_and_leaks_nothing(cluster: BoxCluster,
 
         client = threading.Thread(target=ask)
         client.start()
-        wait_until(lambda sent=sent_before: cluster.link_bytes(prefill)["from_node"] - sent > 4 * 2**20, 120, 0.05,
-                   what="KV on the wire")  # fmt: skip
+
+        def on_the_wire(sent: int = sent_before) -> bool:
+            return cluster.link_bytes(prefill)["from_node"] - sent > 4 * 2**20
+
+        # Until a few MiB crossed, or the answer came without them (then: the next attempt).
+        wait_until(lambda client=client: on_the_wire() or not client.is_alive(), 120, 0.05, what="KV on the wire")
+        if not on_the_wire():
+            client.join()
+            seen.append({"answered_before_4MiB_crossed": cluster.link_bytes(prefill)["from_node"] - sent_before,
+                         "answer": answer})
+            continue
         _set_link(cluster, prefill, up=False)
         cut_after = cluster.link_bytes(prefill)["from_node"] - sent_before
         client.join(timeout=120)
@@ -89,7 +101,7 @@ def test_link_cut_mid_transfer_recomputes_and_leaks_nothing(cluster: BoxCluster,
         if after["failed"] > before["failed"]:
             break
     else:
-        raise AssertionError(f"every pull finished before its link was cut: {seen}")
+        raise AssertionError(f"no attempt had its pull cut mid-transfer: {seen}")
     _set_link(cluster, prefill, LINK, True)
     # Prefill frees the unpulled KV at the TTL; decode freed what it had allocated.
     assert cluster.blocks_free("DecodeWorker", 60)
